@@ -1,0 +1,1 @@
+"""Medical image decoding, corpus preparation and the Grain input pipeline."""

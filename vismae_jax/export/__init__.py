@@ -1,0 +1,1 @@
+"""Conversion between Flax parameters and PyTorch state dicts."""

@@ -1,0 +1,1 @@
+"""Pretraining loop: train state, optimiser, checkpoints and metrics."""
