@@ -1,0 +1,104 @@
+"""Tests of the analytic FLOP counts and the device peak table used for MFU."""
+
+import pytest
+
+from configs import pretrain
+from vismae_jax.models import flops
+
+GIGA = 1e9
+
+
+def mae_config(**overrides):
+    """Full-size pretraining model config with `overrides` applied."""
+    model = pretrain.get_config("generic").model
+    for key, value in overrides.items():
+        setattr(model, key, value)
+    return model
+
+
+def test_swin_t_classifier_gmac():
+    # Swin-T at 224 is published as 4.5G (multiply-accumulates); the matmuls alone give 4.49.
+    gmac = flops.swin_classifier_forward_flops() / flops.FLOPS_PER_MAC / GIGA
+    assert gmac == pytest.approx(4.49, rel=0.01)
+
+
+def test_mae_default_gmac():
+    # The public code's configuration takes 3 channels.
+    gmac = flops.mae_forward_flops(mae_config(channels=3)) / flops.FLOPS_PER_MAC / GIGA
+    assert gmac == pytest.approx(5.45, rel=0.01)
+
+
+def test_mae_grayscale_gmac():
+    # One channel only shrinks the patch embedding and the head: 2 x 3136 x 96 x 16 x 2 fewer MACs.
+    difference = flops.mae_forward_flops(mae_config(channels=3)) - flops.mae_forward_flops(
+        mae_config(channels=1)
+    )
+    assert difference == flops.FLOPS_PER_MAC * 2 * 3136 * 96 * 16 * 2
+
+
+def test_mae_breakdown_sum():
+    config = mae_config()
+    assert sum(flops.mae_forward_flops_breakdown(config).values()) == flops.mae_forward_flops(
+        config
+    )
+
+
+def test_mae_mlp_term():
+    # Encoder and decoder blocks see the same grids: 2 blocks per stage at 56, 28, 14 twice, 7 once.
+    grids_and_dims = [(56, 96), (28, 192), (14, 384)] * 2 + [(7, 768)]
+    expected = sum(2 * 2 * grid**2 * dim * 4 * dim for grid, dim in grids_and_dims)
+    assert flops.mae_forward_flops_breakdown(mae_config())["mlp"] == flops.FLOPS_PER_MAC * expected
+
+
+def test_mae_window_padding():
+    # At 320 the 80x80 grid pads to 84x84 windows: qkv runs on the padded tokens, the MLP does not.
+    breakdown = flops.mae_forward_flops_breakdown(mae_config(image_size=320, depths=(2, 0, 0, 0)))
+    qkv_stage0 = 2 * 2 * 84**2 * 96 * 3 * 96  # Encoder and decoder stage 0, 2 blocks each.
+    assert breakdown["qkv"] == flops.FLOPS_PER_MAC * qkv_stage0
+
+
+def test_train_is_three_forwards():
+    config = mae_config()
+    assert flops.train_flops_per_image(config) == 3 * flops.mae_forward_flops(config)
+
+
+def test_public_train_cost():
+    # About 33 GFLOP per image for a training step of the public configuration.
+    assert flops.train_flops_per_image(mae_config(channels=3)) / GIGA == pytest.approx(
+        32.7, rel=0.01
+    )
+
+
+def test_indivisible_image_size():
+    with pytest.raises(ValueError, match="image_size"):
+        flops.mae_forward_flops(mae_config(image_size=100))
+
+
+@pytest.mark.parametrize(
+    ("device_kind", "peak"),
+    [
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+    ],
+)
+def test_peak_known(device_kind, peak):
+    assert flops.peak_flops_per_device(device_kind) == peak
+
+
+@pytest.mark.parametrize(
+    "device_kind", ["cpu", "NVIDIA GeForce RTX 4090", "NVIDIA H100 NVL", "TPU v4"]
+)
+def test_peak_unknown(device_kind):
+    assert flops.peak_flops_per_device(device_kind) is None
+
+
+def test_mfu_value():
+    # 989e12 FLOP in one second on one H200 is 100% MFU.
+    assert flops.model_flops_utilization(989e12, 1.0, 1, "NVIDIA H200") == pytest.approx(1.0)
+
+
+def test_mfu_unknown_device():
+    assert flops.model_flops_utilization(1e12, 1.0, 1, "cpu") is None
