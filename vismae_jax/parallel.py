@@ -1,0 +1,189 @@
+"""Device mesh, sharding rules for parameters and batches, and multi-host initialisation.
+
+The mesh has two axes: `data` (replicas that each see a slice of the batch) and `fsdp`
+(devices that split the parameters and optimiser state between them and also each see a
+slice of the batch). The batch is therefore sharded over both axes; parameters follow an
+ordered list of (regex, rule) pairs from the config.
+"""
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+RULES = ("replicate", "fsdp")
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+    """Call `jax.distributed.initialize()` once when `enabled`.
+
+    With no arguments JAX reads the coordinator address, process count and process id from the
+    cluster environment (SLURM, Open MPI, Kubernetes JobSet, Cloud TPU). Call it before any
+    other JAX function touches the devices.
+    """
+    if not enabled:
+        return
+    jax.distributed.initialize()
+    logging.info(
+        "Initialised jax.distributed: process %d of %d, %d local of %d global devices.",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+    """Return the (data, fsdp) axis sizes, with a -1 size filled by the remaining devices.
+
+    Raises:
+        ValueError: more than one size is -1, a size is not positive, or the product does not
+            equal `num_devices`.
+    """
+    sizes = [int(mesh_config.data), int(mesh_config.fsdp)]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.")
+    if any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(
+            f"Mesh axis sizes must be positive or -1, got data={sizes[0]}, fsdp={sizes[1]}."
+        )
+
+    if -1 in sizes:
+        known = int(np.prod([size for size in sizes if size != -1]))
+        if num_devices % known:
+            raise ValueError(
+                f"Cannot fill a mesh axis: {num_devices} devices are not divisible by {known}."
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+
+    if sizes[0] * sizes[1] != num_devices:
+        raise ValueError(
+            f"Mesh data={sizes[0]} x fsdp={sizes[1]} needs {sizes[0] * sizes[1]} devices, "
+            f"but {num_devices} are available; set config.mesh.data=-1 to use them all."
+        )
+    return sizes[0], sizes[1]
+
+
+def make_mesh(
+    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """Build the ("data", "fsdp") mesh over `devices` (default: all devices of all processes).
+
+    Both axes are `Auto`, so XLA inserts the all-gathers and reduce-scatters that the sharding
+    annotations imply (jax.make_mesh makes `Explicit` axes by default since JAX 0.7).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def path_name(path: Sequence[Any]) -> str:
+    """Return a pytree key path as a slash-separated name, e.g. `params/patch_embed/proj/kernel`."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def validate_rules(rules: Sequence[Sequence[str]]) -> list[tuple[re.Pattern, str]]:
+    """Compile the (regex, rule) pairs, checking that each rule is known."""
+    compiled = []
+    for item in rules:
+        if len(item) != 2:
+            raise ValueError(f"A sharding rule must be a (regex, rule) pair, got {item!r}.")
+        pattern, rule = item
+        if rule not in RULES:
+            raise ValueError(
+                f"Unknown sharding rule {rule!r} for {pattern!r}; expected one of {RULES}."
+            )
+        compiled.append((re.compile(pattern), rule))
+    return compiled
+
+
+def leaf_partition_spec(shape: Sequence[int], rule: str, fsdp_size: int) -> PartitionSpec:
+    """Return the PartitionSpec that `rule` gives a leaf of `shape`.
+
+    `fsdp` splits the largest dimension that the fsdp axis size divides; a leaf with no such
+    dimension (scalars, small biases) stays replicated.
+    """
+    if rule == "replicate" or fsdp_size == 1:
+        return PartitionSpec()
+    candidates = [axis for axis, size in enumerate(shape) if size % fsdp_size == 0]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda index: shape[index])
+    spec = [None] * len(shape)
+    spec[axis] = "fsdp"
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[Sequence[str]]) -> Any:
+    """Return a NamedSharding for every leaf of `abstract_tree`, chosen by the first matching rule.
+
+    Rules are (regex, rule) pairs matched with `re.search` against the leaf's slash-separated
+    path (for a train state: `params/layers_0/blocks_1/attn/qkv/kernel`, and the optimiser's
+    copies `opt_state/.../mu/layers_0/...`). Leaves that match no rule are replicated.
+    """
+    compiled = validate_rules(rules)
+    fsdp_size = mesh.shape["fsdp"]
+
+    def sharding_for(path, leaf):
+        name = path_name(path)
+        rule = next((rule for pattern, rule in compiled if pattern.search(name)), "replicate")
+        return NamedSharding(mesh, leaf_partition_spec(np.shape(leaf), rule, fsdp_size))
+
+    return jax.tree_util.tree_map_with_path(sharding_for, abstract_tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Return the sharding of a batch: the leading (example) dimension split over every device."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Return the sharding of a value that is stored whole on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+    """Return the per-process batch size, checking it splits evenly over processes and devices."""
+    num_devices = mesh.devices.size
+    if global_batch_size % num_devices:
+        raise ValueError(
+            f"Global batch size {global_batch_size} is not divisible by the {num_devices} devices "
+            "of the mesh; change config.train.global_batch_size."
+        )
+    return global_batch_size // jax.process_count()
+
+
+def make_global_batch(
+    local_batch: Mapping[str, np.ndarray], sharding: NamedSharding
+) -> dict[str, jax.Array]:
+    """Assemble each process's slice of the batch into global arrays sharded by `sharding`.
+
+    local_batch: {"image": uint8 [per-process batch, H, W, C]}; the result has the global batch
+    as its leading dimension. This is the one host-to-device copy of the training loop.
+    """
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in local_batch.items()
+    }

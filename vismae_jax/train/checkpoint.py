@@ -1,0 +1,126 @@
+"""Orbax checkpoints of the train state, the Grain iterator position and progress counters.
+
+A checkpoint step directory holds three items: `state` (parameters, optimiser state and step,
+saved asynchronously from the devices), `data_iter` (one JSON file per process with its Grain
+iterator state) and `meta` (JSON progress counters: step, examples seen, elapsed seconds).
+"""
+
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def make_manager(workdir: str | pathlib.Path, keep: int, keep_period: int) -> ocp.CheckpointManager:
+    """Open (or create) the CheckpointManager under `workdir/checkpoints`.
+
+    Keeps the newest `keep` checkpoints plus every checkpoint whose step is a multiple of
+    `keep_period` (0 or less keeps only the newest). Saves are asynchronous: `save` returns once
+    the arrays are copied off the devices, and the files are written in a background thread.
+    """
+    policies = [checkpoint_managers.LatestN(n=max(keep, 1))]
+    if keep_period > 0:
+        policies.append(checkpoint_managers.EveryNSteps(interval_steps=keep_period))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=True,
+        create=True,
+    )
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_iter: grain.DatasetIterator | None,
+    meta: dict[str, Any],
+) -> None:
+    """Start saving a checkpoint for `step` (asynchronously; see `make_manager`).
+
+    The Grain iterator state is captured before this returns, so the caller may keep drawing
+    batches at once.
+    """
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_iter is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    logging.info("Started saving checkpoint for step %d under %s.", step, manager.directory)
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    data_iter: grain.DatasetIterator | None,
+) -> tuple[Any, dict[str, Any]] | None:
+    """Restore the newest checkpoint into the shapes and shardings of `abstract_state`.
+
+    abstract_state: pytree of `jax.ShapeDtypeStruct` with `sharding` set, so a checkpoint
+    written on another mesh or device count is resharded on load. `data_iter` (if given) is
+    moved in place to the saved position. Returns (state, meta), or None when there is no
+    checkpoint yet.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if data_iter is not None:
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("Restored checkpoint for step %d from %s.", step, manager.directory)
+    return restored["state"], dict(restored["meta"])
+
+
+def resolve_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """Return the step directory that `path` names: a workdir, its checkpoints/ or a step directory.
+
+    A workdir or checkpoints/ folder resolves to its newest step.
+
+    Raises:
+        FileNotFoundError: `path` does not exist or contains no checkpoint.
+    """
+    path = pathlib.Path(path).absolute()
+    if (path / "state").is_dir():
+        return path
+    if (path / CHECKPOINT_DIR).is_dir():
+        path = path / CHECKPOINT_DIR
+    steps = (
+        [child for child in path.iterdir() if child.name.isdigit() and (child / "state").is_dir()]
+        if path.is_dir()
+        else []
+    )
+    if not steps:
+        raise FileNotFoundError(
+            f"No Orbax checkpoint found at {path}; expected a workdir, its {CHECKPOINT_DIR}/ "
+            "folder or a step directory containing state/."
+        )
+    return max(steps, key=lambda child: int(child.name))
+
+
+def load_params(path: str | pathlib.Path, abstract_params: Any) -> Any:
+    """Load only the parameters of another run's checkpoint (for `config.train.init_from`).
+
+    abstract_params: pytree of `jax.ShapeDtypeStruct` with shardings; the checkpoint's
+    parameter tree must have the same structure and shapes. The optimiser state and step of
+    that run are not read.
+    """
+    step_dir = resolve_checkpoint_dir(path)
+    target = {"params": abstract_params}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            ),
+        )
+    logging.info("Loaded initial parameters from %s.", step_dir)
+    return jax.tree.map(lambda x: x, restored["params"])
