@@ -24,7 +24,7 @@ def check_mask_geometry(image_size: int, patch_size: int, mask_unit: int) -> Non
 
 
 def num_kept_units(image_size: int, mask_unit: int = 16, mask_ratio: float = 0.75) -> int:
-    """Return the number of mask units left visible per sample: int(num_units * (1 - mask_ratio))."""
+    """Return the number of mask units kept visible per sample: int(num_units * (1 - ratio))."""
     units_per_side = image_size // mask_unit
     return int(units_per_side**2 * (1 - mask_ratio))
 

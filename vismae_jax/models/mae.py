@@ -89,7 +89,8 @@ def drop_path_rates(rate: float, depths: Sequence[int]) -> list[tuple[float, ...
     rates = np.linspace(0.0, rate, sum(depths))
     bounds = np.cumsum((0, *depths))
     return [
-        tuple(float(r) for r in rates[start:end]) for start, end in zip(bounds[:-1], bounds[1:])
+        tuple(float(r) for r in rates[start:end])
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
     ]
 
 
