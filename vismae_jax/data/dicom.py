@@ -1,0 +1,298 @@
+"""Decode DICOM files into display-ready training images.
+
+Per frame: stored pixels -> modality LUT (rescale or Modality LUT Sequence, per frame for
+enhanced multi-frame objects) -> VOI transform to [0, 1] (the first window, or the first VOI
+LUT) -> MONOCHROME1 inversion -> luminance unless colour is kept -> resize -> uint8.
+"""
+
+import warnings
+
+import numpy as np
+import pydicom
+import pydicom.errors
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels
+from pydicom.pixels.utils import get_nr_frames
+
+from vismae_jax.data.images import (
+    DecodedFile,
+    DecodedFrame,
+    DecodeOptions,
+    RejectedFile,
+    percentile_window,
+    pixel_hash,
+    select_frames,
+    to_stored_image,
+)
+
+# DICOM Modality (0008,0060) -> corpus modality. Everything else is stored as "other".
+MODALITY_NAMES = {
+    "CT": "ct",
+    "MR": "mr",
+    "PT": "pet",
+    "NM": "pet",
+    "CR": "xray",
+    "DX": "xray",
+    "DR": "xray",
+    "RG": "xray",
+    "MG": "xray",
+    "RF": "xray",
+    "XA": "xray",
+    "PX": "xray",
+    "IO": "xray",
+    "US": "us",
+    "IVUS": "us",
+}
+CORPUS_MODALITIES = ("ct", "mr", "pet", "xray", "us", "other")
+
+# Objects whose pixels (if any) are not pictures of anatomy: dose grids, label maps, reports,
+# plans, waveforms, presentation states.
+NON_IMAGE_MODALITIES = {
+    "SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "KO", "PR", "REG",
+    "ECG", "HD", "DOC", "PLAN", "RWV", "AU", "FID",
+}  # fmt: skip
+
+# Attributes the LUT steps read; enhanced multi-frame objects keep them in functional groups.
+_LUT_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+_COLOUR_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"}
+
+
+def corpus_modality(dicom_modality: str | None) -> str:
+    """Map a DICOM Modality value (CT, MR, PT, NM, CR, DX, US, ...) to a corpus modality."""
+    return MODALITY_NAMES.get((dicom_modality or "").strip().upper(), "other")
+
+
+def read_dataset(path: str) -> Dataset:
+    """Read a DICOM Part 10 file, raising RejectedFile for unreadable or non-image objects."""
+    try:
+        ds = pydicom.dcmread(path)
+    except pydicom.errors.InvalidDicomError as error:
+        raise RejectedFile(
+            "not_dicom", "no DICOM preamble and file meta information (not a Part 10 file)"
+        ) from error
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise RejectedFile(
+            "unreadable", f"pydicom could not parse the file ({type(error).__name__})"
+        ) from error
+
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    sop_class = ds.get("SOPClassUID")
+    sop_class_name = getattr(sop_class, "name", "unknown SOP class")
+    if modality in NON_IMAGE_MODALITIES:
+        raise RejectedFile("non_image", f"{modality} object ({sop_class_name})")
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise RejectedFile("unsupported", "float pixel data (parametric map)")
+        raise RejectedFile("non_image", f"no pixel data ({sop_class_name})")
+    if int(ds.get("BitsAllocated", 0) or 0) == 1:
+        raise RejectedFile("non_image", f"1-bit pixel data is a binary mask ({sop_class_name})")
+    return ds
+
+
+def frame_attributes(ds: Dataset, frame: int) -> Dataset:
+    """Collect the modality LUT and VOI attributes that apply to one frame.
+
+    Enhanced multi-frame objects store rescale and window in the Pixel Value Transformation and
+    Frame VOI LUT functional groups. Per-frame groups take precedence over shared groups, and
+    both take precedence over the top-level attributes of classic objects.
+    """
+    attributes = Dataset()
+    for keyword in (
+        "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence",
+        "WindowCenter", "WindowWidth", "VOILUTFunction",
+    ):  # fmt: skip
+        if keyword in ds:
+            attributes[keyword] = ds[keyword]
+    if hasattr(ds, "file_meta"):
+        attributes.file_meta = ds.file_meta
+    attributes.set_original_encoding(*ds.original_encoding)
+
+    group_items = []
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        group_items.append(shared[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        group_items.append(per_frame[frame])
+
+    for item in group_items:
+        for group in _LUT_GROUPS:
+            if item.get(group):
+                for element in item[group][0]:
+                    attributes[element.tag] = element
+    return attributes
+
+
+def _first_value(value) -> float:
+    """Return the first of a multi-valued number (several windows are alternative views)."""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0]
+    return float(value)
+
+
+def apply_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """Map values through a DICOM window (PS3.3 C.11.2.1.2) to float32 in [0, 1].
+
+    function: LINEAR (the default), LINEAR_EXACT or SIGMOID.
+    """
+    values = values.astype(np.float64)
+    if function == "SIGMOID":
+        mapped = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    elif function == "LINEAR_EXACT":
+        mapped = (values - center) / width + 0.5
+    else:
+        mapped = (values - (center - 0.5)) / (width - 1.0) + 0.5
+    return np.clip(mapped, 0.0, 1.0).astype(np.float32)
+
+
+def _lut_table(item: Dataset, attributes: Dataset) -> tuple[int, int, np.ndarray]:
+    """Return (number of entries, first mapped value, table) of a VOI LUT Sequence item."""
+    num_entries, first_mapped = int(item.LUTDescriptor[0]), int(item.LUTDescriptor[1])
+    num_entries = num_entries or 2**16
+    data = item["LUTData"]
+    if data.VR == "OW" and isinstance(data.value, bytes):
+        little_endian = attributes.original_encoding[1] is not False
+        table = np.frombuffer(data.value, dtype="<u2" if little_endian else ">u2")
+    else:
+        table = np.asarray(data.value, dtype=np.float64).reshape(-1)
+    if first_mapped > 2**15 and int(item.LUTDescriptor[2]) <= 16:
+        first_mapped -= 2**16  # US-encoded descriptor holding a signed first value.
+    return num_entries, first_mapped, table[:num_entries].astype(np.float64)
+
+
+def apply_voi_lut_sequence(values: np.ndarray, attributes: Dataset) -> np.ndarray:
+    """Map values through the first VOI LUT and scale the LUT's output range to [0, 1].
+
+    The scale comes from the table's own minimum and maximum: descriptors often claim 16 bits
+    for tables that only reach 4095.
+    """
+    num_entries, first_mapped, table = _lut_table(attributes.VOILUTSequence[0], attributes)
+    indices = np.clip(np.rint(values).astype(np.int64) - first_mapped, 0, len(table) - 1)
+    low, high = table.min(), table.max()
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((table[indices] - low) / (high - low)).astype(np.float32)
+
+
+def voi_to_unit(values: np.ndarray, attributes: Dataset, modality: str, options: DecodeOptions):
+    """Apply the VOI transform of the header, or the configured default, giving [0, 1].
+
+    Order of preference: VOI LUT Sequence, the first Window Center/Width pair, the CT default
+    window (`options.ct_window`) for CT, the percentile range (`options.percentiles`) otherwise.
+    """
+    if attributes.get("VOILUTSequence"):
+        item = attributes.VOILUTSequence[0]
+        if item.get("LUTDescriptor") and item.get("LUTData") is not None:
+            return apply_voi_lut_sequence(values, attributes)
+
+    center = attributes.get("WindowCenter")
+    width = attributes.get("WindowWidth")
+    if center is not None and width is not None and center != "" and width != "":
+        center, width = _first_value(center), _first_value(width)
+        if width >= 1.0:
+            function = str(attributes.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+            return apply_window(values, center, width, function)
+
+    if modality == "ct":
+        center, width = options.ct_window
+        return apply_window(values, center, width, "LINEAR")
+    return percentile_window(values, options.percentiles)
+
+
+def _colour_to_unit(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
+    """Scale an RGB (or palette) frame to float [H, W, 3] in [0, 1]."""
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(frame, ds)
+        scale = np.iinfo(rgb.dtype).max if np.issubdtype(rgb.dtype, np.integer) else rgb.max()
+    else:
+        rgb = frame
+        scale = 2 ** int(ds.get("BitsStored", 8)) - 1
+    return (rgb.astype(np.float64) / max(float(scale), 1.0)).clip(0.0, 1.0).astype(np.float32)
+
+
+def frame_to_unit(frame: np.ndarray, ds: Dataset, index: int, options: DecodeOptions):
+    """Turn one decoded frame into a display-ready float image in [0, 1].
+
+    frame: stored values [H, W] (grayscale or palette indices) or [H, W, 3] (RGB after pydicom's
+    YBR conversion). Returns float32 [H, W] or [H, W, 3].
+    """
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric in _COLOUR_PHOTOMETRICS or frame.ndim == 3:
+        return _colour_to_unit(frame, ds, photometric)
+
+    attributes = frame_attributes(ds, index)
+    values = apply_modality_lut(frame, attributes)
+    modality = corpus_modality(ds.get("Modality"))
+    unit = voi_to_unit(values, attributes, modality, options)
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit
+
+
+def decode_dicom_frames(path: str, options: DecodeOptions):
+    """Return the dataset and (frame number, raw frame, display-ready frame) per selected frame.
+
+    Raw frames are the stored values [H, W] or [H, W, 3]; display-ready frames are float32 in
+    [0, 1] (see `frame_to_unit`).
+
+    Raises RejectedFile for non-image objects, truncated pixel data and undecodable
+    codestreams.
+    """
+    ds = read_dataset(path)
+    try:
+        num_frames = get_nr_frames(ds, warn=False)
+    except (ValueError, TypeError) as error:
+        raise RejectedFile("invalid_header", "Number of Frames is not an integer") from error
+
+    indices = select_frames(num_frames, options.max_frames)
+    try:
+        frames = list(iter_pixels(ds, indices=indices))
+    except ValueError as error:
+        if "less than" in str(error) or "too short" in str(error):
+            raise RejectedFile(
+                "truncated_pixel_data", "pixel data is shorter than the header requires"
+            ) from error
+        raise RejectedFile(
+            "decode_failed", f"pixel data could not be decoded ({type(error).__name__})"
+        ) from error
+    except (RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError) as error:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        syntax_name = getattr(syntax, "name", "unknown transfer syntax")
+        raise RejectedFile(
+            "decode_failed", f"corrupt or unsupported pixel data ({syntax_name})"
+        ) from error
+
+    decoded = [
+        (index, frame, frame_to_unit(frame, ds, index, options))
+        for index, frame in zip(indices, frames, strict=True)
+    ]
+    return ds, decoded
+
+
+def decode_dicom(path: str, options: DecodeOptions) -> DecodedFile:
+    """Decode a DICOM file into stored images uint8 [S, S, C], one per selected frame.
+
+    Raises RejectedFile (with a reason that never quotes header values) for every file that
+    yields no image.
+    """
+    with warnings.catch_warnings():
+        # Malformed but readable headers make pydicom warn once per element; the rejects file
+        # and summary already report what matters.
+        warnings.simplefilter("ignore")
+        ds, decoded = decode_dicom_frames(path, options)
+        frames = [
+            DecodedFrame(
+                frame=index, image=to_stored_image(unit, options), pixel_hash=pixel_hash(raw)
+            )
+            for index, raw, unit in decoded
+        ]
+        if not frames:
+            raise RejectedFile("non_image", "no frames in pixel data")
+        height, width = decoded[0][1].shape[:2]
+        return DecodedFile(
+            modality=corpus_modality(ds.get("Modality")),
+            height=int(height),
+            width=int(width),
+            frames=frames,
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "") or "") or None,
+        )
