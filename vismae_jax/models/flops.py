@@ -66,7 +66,7 @@ def _arch(
     window_size: int,
     mlp_ratio: float,
 ) -> _Arch:
-    """Check the sizes and return them as an `_Arch`."""
+    """Check that the stages divide the token grid and return the sizes as an `_Arch`."""
     arch = _Arch(
         int(image_size),
         int(patch_size),
@@ -87,7 +87,7 @@ def _arch(
 
 
 def _from_config(model_config: Any) -> _Arch:
-    """Read the architecture from `config.model` (or any object with the same attribute names)."""
+    """Read the architecture from `config.model` or any object with the same attribute names."""
     return _arch(
         model_config.image_size,
         model_config.patch_size,
@@ -100,7 +100,7 @@ def _from_config(model_config: Any) -> _Arch:
 
 
 def _swin_block_macs(grid: int, dim: int, window_size: int, mlp_ratio: float) -> dict[str, int]:
-    """Multiply-accumulates of one Swin block on a `grid` x `grid` x `dim` token map."""
+    """Count the multiply-accumulates of one Swin block on a `grid` x `grid` x `dim` token map."""
     tokens = grid * grid
     padded_grid = math.ceil(grid / window_size) * window_size
     padded_tokens = padded_grid * padded_grid
@@ -115,13 +115,13 @@ def _swin_block_macs(grid: int, dim: int, window_size: int, mlp_ratio: float) ->
 
 
 def _add(total: dict[str, int], part: dict[str, int], times: int = 1) -> None:
-    """Add `times` x `part` into `total` key by key."""
+    """Add `times` x `part` to `total`, key by key."""
     for key, value in part.items():
         total[key] = total.get(key, 0) + times * value
 
 
 def _encoder_macs(arch: _Arch) -> dict[str, int]:
-    """Multiply-accumulates of patch embedding, encoder stages and patch mergings."""
+    """Count the multiply-accumulates of patch embedding, encoder stages and patch mergings."""
     macs = {"patch_embed": arch.grid**2 * arch.patch_size**2 * arch.channels * arch.embed_dim}
     last = len(arch.depths) - 1
     for stage, depth in enumerate(arch.depths):
@@ -134,7 +134,7 @@ def _encoder_macs(arch: _Arch) -> dict[str, int]:
 
 
 def _mae_decoder_macs(arch: _Arch) -> dict[str, int]:
-    """Multiply-accumulates of the MAE decoder: expansions, decoder blocks and `decoder_pred`."""
+    """Count the multiply-accumulates of the MAE decoder: expansions, blocks and `decoder_pred`."""
     macs: dict[str, int] = {}
     last = len(arch.depths) - 1
     bottleneck_grid, bottleneck_dim = arch.stage_grid(last), arch.stage_dim(last)
@@ -156,7 +156,7 @@ def _mae_decoder_macs(arch: _Arch) -> dict[str, int]:
 
 
 def mae_forward_flops_breakdown(model_config: Any) -> dict[str, int]:
-    """FLOPs per image of one Swin MAE forward pass, split by kind of matmul.
+    """Count the FLOPs per image of one Swin MAE forward pass, split by kind of matmul.
 
     Args:
       model_config: `config.model` (image_size, patch_size, channels, embed_dim, depths,
@@ -173,7 +173,7 @@ def mae_forward_flops_breakdown(model_config: Any) -> dict[str, int]:
 
 
 def mae_forward_flops(model_config: Any) -> int:
-    """FLOPs per image of one Swin MAE forward pass (2 per multiply-accumulate).
+    """Count the FLOPs per image of one Swin MAE forward pass (2 per multiply-accumulate).
 
     The default configuration (224, patch 4, embed 96, depths (2, 2, 2, 2), 3 channels) is
     5.45 GMAC, 10.9 GFLOP; with 1 channel 5.43 GMAC.
@@ -182,7 +182,7 @@ def mae_forward_flops(model_config: Any) -> int:
 
 
 def train_flops_per_image(model_config: Any) -> int:
-    """FLOPs per image of one training step: forward plus backward, 3 x the forward pass."""
+    """Count the FLOPs per image of one training step: forward plus backward, 3 x the forward."""
     return TRAIN_FLOPS_PER_FORWARD_FLOP * mae_forward_flops(model_config)
 
 
@@ -196,7 +196,7 @@ def swin_classifier_forward_flops(
     mlp_ratio: float = 4.0,
     num_classes: int = 1000,
 ) -> int:
-    """FLOPs per image of a Swin encoder with average pooling and a linear head.
+    """Count the FLOPs per image of a Swin encoder with average pooling and a linear head.
 
     The defaults are Swin-T for ImageNet-1k: 4.49 GMAC, listed as 4.5G FLOPs in the Swin
     model tables, which count multiply-accumulates.
@@ -207,7 +207,7 @@ def swin_classifier_forward_flops(
 
 
 def peak_flops_per_device(device_kind: str) -> float | None:
-    """Dense bfloat16 peak FLOP/s of one device from `jax.Device.device_kind`, or None.
+    """Return the dense bfloat16 peak FLOP/s of a `jax.Device.device_kind`, or None if unknown.
 
     None for devices without a known peak (CPUs, unlisted GPUs): callers then log no MFU.
     Float32 runs are measured against the same bfloat16 peak, so their MFU reads low.
@@ -221,7 +221,7 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 def model_flops_utilization(
     flops_per_step: float, step_seconds: float, num_devices: int, device_kind: str
 ) -> float | None:
-    """MFU: analytic FLOPs of a step / (step time x devices x peak FLOP/s), or None if no peak.
+    """Return MFU = analytic step FLOPs / (step time x devices x peak FLOP/s), or None.
 
     Args:
       flops_per_step: analytic FLOPs of the whole step over all devices, e.g.
@@ -234,3 +234,60 @@ def model_flops_utilization(
     if peak is None or step_seconds <= 0:
         return None
     return flops_per_step / (step_seconds * num_devices * peak)
+
+
+def _dot_general_macs(equation: Any) -> int:
+    """Count the multiply-accumulates of one `dot_general` equation."""
+    lhs, rhs = (var.aval.shape for var in equation.invars[:2])
+    (_, rhs_contract), (_, rhs_batch) = equation.params["dimension_numbers"]
+    rhs_free = [size for dim, size in enumerate(rhs) if dim not in (*rhs_contract, *rhs_batch)]
+    return math.prod(lhs) * math.prod(rhs_free)
+
+
+def _conv_macs(equation: Any) -> int:
+    """Count the multiply-accumulates of one `conv_general_dilated` equation."""
+    out = equation.outvars[0].aval.shape
+    kernel = equation.invars[1].aval.shape
+    out_features = kernel[equation.params["dimension_numbers"].rhs_spec[0]]
+    return math.prod(out) * math.prod(kernel) // out_features
+
+
+def _sub_jaxprs(value: Any) -> list[Any]:
+    """Return the jaxprs inside one equation parameter (a jaxpr, closed jaxpr, or tuple of them)."""
+    values = value if isinstance(value, tuple | list) else (value,)
+    found = []
+    for item in values:
+        inner = getattr(item, "jaxpr", item)
+        if hasattr(inner, "eqns"):
+            found.append(inner)
+    return found
+
+
+def _jaxpr_macs(jaxpr: Any) -> int:
+    """Count the multiply-accumulates of every matrix product in `jaxpr`, nested calls included."""
+    total = 0
+    for equation in jaxpr.eqns:
+        name = equation.primitive.name
+        if name == "dot_general":
+            total += _dot_general_macs(equation)
+        elif name == "conv_general_dilated":
+            total += _conv_macs(equation)
+        repeats = equation.params.get("length", 1) if name == "scan" else 1
+        for value in equation.params.values():
+            for inner in _sub_jaxprs(value):
+                total += repeats * _jaxpr_macs(inner)
+    return total
+
+
+def traced_matmul_flops(function: Any, *args: Any) -> int:
+    """Count the matmul FLOPs (2 per multiply-accumulate) that `function(*args)` traces to.
+
+    Counts `dot_general` and `conv_general_dilated` in the jaxpr, including nested jitted,
+    rematerialised and custom-derivative calls and scan bodies (times their length), so it checks
+    the analytic counts against what a model really computes. Arguments may be arrays or
+    `jax.ShapeDtypeStruct`s; nothing is compiled or run.
+    """
+    import jax  # Imported here so that the analytic counts above need no JAX.
+
+    closed = jax.make_jaxpr(function)(*args)
+    return FLOPS_PER_MAC * _jaxpr_macs(closed.jaxpr)
