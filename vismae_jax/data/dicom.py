@@ -5,6 +5,7 @@ enhanced multi-frame objects) -> VOI transform to [0, 1] (the first window, or t
 LUT) -> MONOCHROME1 inversion -> luminance unless colour is kept -> resize -> uint8.
 """
 
+import logging
 import warnings
 
 import numpy as np
@@ -24,6 +25,10 @@ from vismae_jax.data.images import (
     select_frames,
     to_stored_image,
 )
+
+# pydicom's warnings about malformed elements quote the element value, which can be a patient
+# name or ID; keep them out of logs. Reject reasons report what matters.
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 # DICOM Modality (0008,0060) -> corpus modality. Everything else is stored as "other".
 MODALITY_NAMES = {

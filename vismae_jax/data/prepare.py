@@ -1,0 +1,482 @@
+"""Prepare a training corpus: decode DICOM/PNG/JPEG/TIFF once into ArrayRecord shards of uint8.
+
+  python -m vismae_jax.data.prepare --input=/data/ct,/data/chest_png:xray --output_dir=OUT
+  python -m vismae_jax.data.prepare --demo --output_dir=data/demo_corpus --image_size=224
+
+Each input folder is searched recursively; `DIR:MODALITY` sets the modality of its PNG/JPEG/TIFF
+files (DICOM files use their Modality tag). Output in OUT:
+
+  shards/images-NNNNN.array_record  one record per image: raw uint8 bytes of [S, S, C]
+  shards/images-NNNNN.json          that shard's manifest rows, rejects and duplicate keys
+  manifest.jsonl                    shard, index, modality, height, width, frame, source_hash
+  rejects.jsonl                     path, frame (for duplicate frames) and reason
+  summary.json                      image_size, channels, shard sizes, counts per modality/reason
+  prepare_config.json               options and an input-list digest, checked when resuming
+  path_salt.txt                     secret salt of source_hash: keep it with the raw data
+
+Files are sorted by path and assigned to shards in blocks of --files_per_shard, so the output is
+byte-identical for the same inputs and options, whatever the number of workers. A shard counts
+as finished once its .json is written (after its .array_record); a rerun skips finished shards.
+No output holds a value from a DICOM header other than Modality; paths appear only in
+rejects.jsonl, and manifest rows identify files by a salted hash of the path.
+"""
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import secrets
+import sys
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+from absl import app, flags, logging
+from array_record.python import array_record_module
+from tqdm import tqdm
+
+from vismae_jax.data import demo
+from vismae_jax.data.dicom import CORPUS_MODALITIES, decode_dicom
+from vismae_jax.data.images import (
+    IMAGE_EXTENSIONS,
+    DecodedFile,
+    DecodeOptions,
+    RejectedFile,
+    decode_image_file,
+)
+
+SHARD_DIR = "shards"
+CONFIG_FILE = "prepare_config.json"
+SALT_FILE = "path_salt.txt"
+RECORD_FORMAT = "raw uint8 bytes of one [image_size, image_size, channels] array, row-major"
+
+
+class SourceFile(NamedTuple):
+    """An input file and the modality given for its folder (None: from the DICOM header)."""
+
+    path: str
+    modality: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def _parse_input(spec: str) -> tuple[str, str | None]:
+    """Split `DIR[:MODALITY]` into the folder and the optional modality."""
+    folder, separator, modality = spec.rpartition(":")
+    if separator and modality.lower() in CORPUS_MODALITIES and folder:
+        return folder, modality.lower()
+    return spec, None
+
+
+def list_input_files(inputs: Sequence[str] = (), file_list: str | None = None) -> list[SourceFile]:
+    """Collect the input files, sorted by path.
+
+    inputs: folders (searched recursively) or single files, each optionally `PATH:MODALITY`.
+    file_list: a text file with one path per line, optionally followed by a tab and a modality.
+    """
+    sources: dict[str, str | None] = {}
+    for spec in inputs:
+        path, modality = _parse_input(spec)
+        if os.path.isfile(path):
+            sources[path] = modality
+            continue
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"Input {path} is neither a folder nor a file.")
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in files:
+                if not name.startswith("."):
+                    sources[os.path.join(root, name)] = modality
+
+    if file_list:
+        with open(file_list, encoding="utf-8") as lines:
+            for line in lines:
+                path, _, modality = line.rstrip("\n").partition("\t")
+                if path.strip():
+                    sources[path.strip()] = modality.strip().lower() or None
+
+    for modality in set(sources.values()) - {None}:
+        if modality not in CORPUS_MODALITIES:
+            raise ValueError(f"Unknown modality {modality!r}; use one of {CORPUS_MODALITIES}.")
+    return [SourceFile(path, sources[path]) for path in sorted(sources)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (runs in worker processes).
+
+
+def decode_source(source: SourceFile, options: DecodeOptions) -> DecodedFile:
+    """Decode one input file; raises RejectedFile when it yields no image."""
+    if source.path.lower().endswith(IMAGE_EXTENSIONS):
+        return decode_image_file(source.path, source.modality or "other", options)
+    decoded = decode_dicom(source.path, options)
+    if decoded.modality == "other" and source.modality:
+        decoded.modality = source.modality
+    return decoded
+
+
+def _decode_or_reject(task: tuple[SourceFile, DecodeOptions]) -> tuple[DecodedFile | None, str]:
+    """Return (decoded file, "") or (None, reject reason) for a worker task."""
+    source, options = task
+    try:
+        return decode_source(source, options), ""
+    except RejectedFile as rejected:
+        return None, rejected.reason
+    except Exception as error:  # noqa: BLE001 - one bad file must never stop a corpus run.
+        return None, f"decode_failed: unexpected {type(error).__name__} while decoding"
+
+
+def _decode_all(
+    sources: Sequence[SourceFile], options: DecodeOptions, num_workers: int
+) -> Iterator[tuple[DecodedFile | None, str]]:
+    """Yield decode results in input order, using `num_workers` processes when > 1."""
+    tasks = ((source, options) for source in sources)
+    if num_workers <= 1:
+        yield from map(_decode_or_reject, tasks)
+        return
+
+    # Spawned (not forked) workers: the parent may hold threads (JAX, tqdm) that fork breaks.
+    # NOTE: a worker killed by a crash inside a C decoder is replaced by the pool, but its task
+    # result is lost and this loop then waits forever; rerun to resume from the last shard.
+    context = multiprocessing.get_context("spawn")
+    chunksize = max(1, min(16, len(sources) // (4 * num_workers)))
+    with context.Pool(num_workers) as pool:
+        yield from pool.imap(_decode_or_reject, tasks, chunksize=chunksize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output files.
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write `data` to a temporary name, then rename it over `path`."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def _json_bytes(value) -> bytes:
+    return (json.dumps(value, sort_keys=True, indent=1) + "\n").encode()
+
+
+def _jsonl_bytes(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+
+
+def _salted_hash(salt: str, kind: str, value: str) -> str:
+    return hashlib.blake2b(f"{salt}\0{kind}\0{value}".encode(), digest_size=16).hexdigest()
+
+
+def shard_name(shard: int) -> str:
+    return f"images-{shard:05d}"
+
+
+def _load_or_create_salt(output_dir: str, path_salt: str | None) -> str:
+    """Return the salt of source hashes: the given one, the stored one, or a new random one."""
+    salt_path = os.path.join(output_dir, SALT_FILE)
+    if path_salt:
+        stored = None
+        if os.path.exists(salt_path):
+            with open(salt_path, encoding="utf-8") as file:
+                stored = file.read().strip()
+        if stored is not None and stored != path_salt:
+            raise ValueError(
+                f"--path_salt differs from the salt in {salt_path}; resume with the same salt "
+                "or use a new --output_dir."
+            )
+        salt = path_salt
+    elif os.path.exists(salt_path):
+        with open(salt_path, encoding="utf-8") as file:
+            return file.read().strip()
+    else:
+        salt = secrets.token_hex(16)
+    _write_atomically(salt_path, (salt + "\n").encode())
+    return salt
+
+
+def _check_or_write_config(output_dir: str, config: dict) -> None:
+    """Store the preparation config, or check that a resumed run uses the same one."""
+    config_path = os.path.join(output_dir, CONFIG_FILE)
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as file:
+            stored = json.load(file)
+        changed = sorted(
+            key for key in set(stored) | set(config) if stored.get(key) != config.get(key)
+        )
+        if changed:
+            raise ValueError(
+                f"{output_dir} was prepared with different inputs or options ({', '.join(changed)}); "
+                "rerun with the original ones to resume, or use a new --output_dir."
+            )
+        return
+    _write_atomically(config_path, _json_bytes(config))
+
+
+@dataclasses.dataclass
+class _DuplicateIndex:
+    """Keys of images already stored: salted SOP Instance UIDs and raw-pixel hashes."""
+
+    uid_keys: set[str] = dataclasses.field(default_factory=set)
+    pixel_keys: set[str] = dataclasses.field(default_factory=set)
+
+
+class _ShardBuilder:
+    """Collect the images, manifest rows and rejects of one shard, in input order."""
+
+    def __init__(self, shard: int, salt: str, duplicates: _DuplicateIndex):
+        self.shard = shard
+        self.salt = salt
+        self.duplicates = duplicates
+        self.images: list[bytes] = []
+        self.meta = {"shard": shard, "records": [], "rejects": [], "uid_keys": [], "pixel_keys": []}
+
+    def add(self, source: SourceFile, decoded: DecodedFile | None, reason: str) -> None:
+        if decoded is None:
+            self.meta["rejects"].append({"path": source.path, "reason": reason})
+            return
+
+        if decoded.sop_instance_uid:
+            uid_key = _salted_hash(self.salt, "uid", decoded.sop_instance_uid)
+            if uid_key in self.duplicates.uid_keys:
+                self.meta["rejects"].append(
+                    {"path": source.path, "reason": "duplicate: SOP Instance UID already stored"}
+                )
+                return
+            self.duplicates.uid_keys.add(uid_key)
+            self.meta["uid_keys"].append(uid_key)
+
+        source_hash = _salted_hash(self.salt, "path", source.path)
+        for frame in decoded.frames:
+            if frame.pixel_hash in self.duplicates.pixel_keys:
+                self.meta["rejects"].append(
+                    {
+                        "path": source.path,
+                        "frame": frame.frame,
+                        "reason": "duplicate: identical pixels already stored",
+                    }
+                )
+                continue
+            self.duplicates.pixel_keys.add(frame.pixel_hash)
+            self.meta["pixel_keys"].append(frame.pixel_hash)
+            self.meta["records"].append(
+                {
+                    "index": len(self.images),
+                    "modality": decoded.modality,
+                    "height": decoded.height,
+                    "width": decoded.width,
+                    "frame": frame.frame,
+                    "source_hash": source_hash,
+                }
+            )
+            self.images.append(frame.image.tobytes())
+
+    def write(self, output_dir: str, compression: str) -> dict:
+        """Write the shard's ArrayRecord file, then its .json (which marks it finished)."""
+        base = os.path.join(output_dir, SHARD_DIR, shard_name(self.shard))
+        temporary = f"{base}.array_record.tmp-{os.getpid()}"
+        writer = array_record_module.ArrayRecordWriter(temporary, f"group_size:1,{compression}")
+        for image in self.images:
+            writer.write(image)
+        writer.close()
+        os.replace(temporary, f"{base}.array_record")
+        _write_atomically(f"{base}.json", _json_bytes(self.meta))
+        return self.meta
+
+
+def _load_finished_shards(output_dir: str, num_shards: int) -> list[dict]:
+    """Return the metadata of the finished shards 0..k-1 (shards finish in order)."""
+    finished = []
+    for shard in range(num_shards):
+        base = os.path.join(output_dir, SHARD_DIR, shard_name(shard))
+        if not (os.path.exists(f"{base}.json") and os.path.exists(f"{base}.array_record")):
+            break
+        with open(f"{base}.json", encoding="utf-8") as file:
+            finished.append(json.load(file))
+    return finished
+
+
+def _remove_stale_files(output_dir: str, first_unfinished: int) -> None:
+    """Delete temporary files and outputs of unfinished shards left by a killed run."""
+    shard_dir = os.path.join(output_dir, SHARD_DIR)
+    for path in glob.glob(os.path.join(shard_dir, "*.tmp-*")) + glob.glob(
+        os.path.join(output_dir, "*.tmp-*")
+    ):
+        os.remove(path)
+    for path in glob.glob(os.path.join(shard_dir, "images-*")):
+        shard = int(os.path.basename(path).split("-")[1].split(".")[0])
+        if shard >= first_unfinished:
+            os.remove(path)
+
+
+def _write_corpus_files(output_dir: str, metas: list[dict], config: dict) -> dict:
+    """Write manifest.jsonl, rejects.jsonl and summary.json from all shard metadata."""
+    manifest, rejects = [], []
+    for meta in metas:
+        manifest.extend({"shard": meta["shard"], **row} for row in meta["records"])
+        rejects.extend(meta["rejects"])
+
+    summary = {
+        "image_size": config["image_size"],
+        "channels": config["channels"],
+        "record_format": RECORD_FORMAT,
+        "num_files": config["num_files"],
+        "num_images": len(manifest),
+        "num_rejects": len(rejects),
+        "images_per_modality": dict(
+            sorted(collections.Counter(r["modality"] for r in manifest).items())
+        ),
+        "rejects_per_reason": dict(
+            sorted(collections.Counter(r["reason"].split(":")[0] for r in rejects).items())
+        ),
+        "shards": [
+            {
+                "file": f"{SHARD_DIR}/{shard_name(meta['shard'])}.array_record",
+                "num_records": len(meta["records"]),
+            }
+            for meta in metas
+        ],
+    }
+    _write_atomically(os.path.join(output_dir, "manifest.jsonl"), _jsonl_bytes(manifest))
+    _write_atomically(os.path.join(output_dir, "rejects.jsonl"), _jsonl_bytes(rejects))
+    _write_atomically(os.path.join(output_dir, "summary.json"), _json_bytes(summary))
+    return summary
+
+
+def prepare_corpus(
+    sources: Sequence[SourceFile],
+    output_dir: str,
+    options: DecodeOptions,
+    *,
+    files_per_shard: int = 1024,
+    num_workers: int = 1,
+    compression: str = "uncompressed",
+    path_salt: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Decode `sources` into ArrayRecord shards under `output_dir` and return the summary.
+
+    Resumes a killed run in the same `output_dir`: finished shards are kept and their files are
+    not decoded again. `compression` is an ArrayRecord option (`uncompressed`, `zstd:3`, ...).
+    """
+    if files_per_shard < 1:
+        raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}.")
+    sources = sorted(sources)
+    os.makedirs(os.path.join(output_dir, SHARD_DIR), exist_ok=True)
+
+    inputs_digest = hashlib.sha256()
+    for source in sources:
+        inputs_digest.update(f"{source.path}\t{source.modality}\n".encode())
+    config = {
+        **dataclasses.asdict(options),
+        "channels": options.channels,
+        "files_per_shard": files_per_shard,
+        "compression": compression,
+        "num_files": len(sources),
+        "inputs_sha256": inputs_digest.hexdigest(),
+    }
+    config = json.loads(json.dumps(config))  # Tuples become lists, as when read back.
+    _check_or_write_config(output_dir, config)
+    salt = _load_or_create_salt(output_dir, path_salt)
+
+    shards = [sources[i : i + files_per_shard] for i in range(0, len(sources), files_per_shard)]
+    metas = _load_finished_shards(output_dir, len(shards))
+    _remove_stale_files(output_dir, len(metas))
+    duplicates = _DuplicateIndex()
+    for meta in metas:
+        duplicates.uid_keys.update(meta["uid_keys"])
+        duplicates.pixel_keys.update(meta["pixel_keys"])
+
+    files_done = sum(len(shard) for shard in shards[: len(metas)])
+    logging.info(
+        "Preparing %d files into %d shards in %s (%d shards already finished).",
+        len(sources), len(shards), output_dir, len(metas),
+    )  # fmt: skip
+    remaining = list(itertools.chain.from_iterable(shards[len(metas) :]))
+    results = _decode_all(remaining, options, num_workers)
+    with tqdm(
+        total=len(sources), initial=files_done, unit="file", disable=not progress, file=sys.stderr
+    ) as bar:
+        for shard in range(len(metas), len(shards)):
+            builder = _ShardBuilder(shard, salt, duplicates)
+            for source in shards[shard]:
+                decoded, reason = next(results)
+                builder.add(source, decoded, reason)
+                bar.update(1)
+            metas.append(builder.write(output_dir, compression))
+            bar.set_postfix(images=sum(len(m["records"]) for m in metas), refresh=False)
+    results.close()
+
+    summary = _write_corpus_files(output_dir, metas, config)
+    logging.info(
+        "Prepared %d images from %d files; %d rejects by reason: %s",
+        summary["num_images"], summary["num_files"], summary["num_rejects"],
+        summary["rejects_per_reason"],
+    )  # fmt: skip
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+_INPUT = flags.DEFINE_list("input", [], "Folders or files, each optionally DIR:MODALITY.")
+_FILE_LIST = flags.DEFINE_string("file_list", None, "Text file: one path per line [TAB modality].")
+_DEMO = flags.DEFINE_bool("demo", False, "Prepare the demo corpus from pydicom/pydicom-data.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for shards and manifests.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the stored square images, pixels.")
+_KEEP_COLOUR = flags.DEFINE_bool("keep_colour", False, "Store RGB (3 channels) instead of gray.")
+_LETTERBOX = flags.DEFINE_bool("letterbox", False, "Keep aspect ratio and pad instead of stretch.")
+_CT_WINDOW = flags.DEFINE_list("ct_window", ["40", "400"], "CENTER,WIDTH in HU for CT w/o window.")
+_PERCENTILES = flags.DEFINE_list(
+    "percentiles", ["0.5", "99.5"], "LOW,HIGH percentiles mapped to [0, 1] when there is no window."
+)
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Evenly spaced frames per file; 0 = all.")
+_FILES_PER_SHARD = flags.DEFINE_integer("files_per_shard", 1024, "Input files per output shard.")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Decoding processes.")
+_COMPRESSION = flags.DEFINE_string(
+    "compression", "uncompressed", "ArrayRecord compression: uncompressed, zstd:LEVEL, snappy."
+)
+_PATH_SALT = flags.DEFINE_string("path_salt", None, "Salt of source_hash; default: random, stored.")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _OUTPUT_DIR.value:
+        raise app.UsageError("--output_dir is required.")
+    if _DEMO.value:
+        sources = [SourceFile(path) for path in demo.demo_paths()]
+    else:
+        sources = list_input_files(_INPUT.value, _FILE_LIST.value)
+    if not sources:
+        raise app.UsageError("No input files: pass --input, --file_list or --demo.")
+
+    options = DecodeOptions(
+        image_size=_IMAGE_SIZE.value,
+        keep_colour=_KEEP_COLOUR.value,
+        letterbox=_LETTERBOX.value,
+        ct_window=tuple(float(v) for v in _CT_WINDOW.value),
+        percentiles=tuple(float(v) for v in _PERCENTILES.value),
+        max_frames=_MAX_FRAMES.value,
+    )
+    summary = prepare_corpus(
+        sources,
+        _OUTPUT_DIR.value,
+        options,
+        files_per_shard=_FILES_PER_SHARD.value,
+        num_workers=_NUM_WORKERS.value,
+        compression=_COMPRESSION.value,
+        path_salt=_PATH_SALT.value,
+    )
+    print(json.dumps({k: summary[k] for k in summary if k != "shards"}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
