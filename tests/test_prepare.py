@@ -118,8 +118,10 @@ def test_demo_rerun_byte_identical(demo_corpus, demo_sources, tmp_path):
 
 def test_resume_after_sigkill(tmp_path):
     # Light files first, heavy JPEG 2000 radiographs last, so the kill lands mid-run.
-    names = ["MR_small.dcm", "CT_small.dcm", "emri_small.dcm", "examples_overlay.dcm",
-             "US1_UNCR.dcm", "MR2_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm"]  # fmt: skip
+    names = [
+        "MR_small.dcm", "CT_small.dcm", "emri_small.dcm", "examples_overlay.dcm", "US1_UNCR.dcm",
+        "MR2_UNCR.dcm", "RG1_J2KR.dcm", "RG1_J2KI.dcm", "RG3_J2KR.dcm",
+    ]  # fmt: skip
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for position, name in enumerate(names):

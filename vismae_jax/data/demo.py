@@ -6,7 +6,7 @@ packages offline. Listing every test file instead makes pydicom try to download 
 
 from pydicom.data import get_testdata_file
 
-# Reviewed list of real patient images (anonymised by their publishers), by corpus modality.
+# Reviewed list of real clinical images from the public test data, by corpus modality.
 # Two pairs are deliberate duplicates that preparation must drop: examples_jpeg2k.dcm has the
 # same pixels as US1_UNCR.dcm, and examples_palette.dcm shares its SOP Instance UID with
 # OBXXXX1A_2frame.dcm.
@@ -46,13 +46,13 @@ DEMO_FILES = {
     ),
 }
 
-# Left out on purpose: synthetic test patterns (SC_rgb*, GDCMJ2K_TextGBR, JPEGLSNearLossless_*,
-# mlut_18, vlut_04, image_dfl), a photograph (OT-PAL-8-face), a nearly blank 60x80 frame
-# (ExplVR_BigEnd), non-image objects (RT dose/plan/structure sets, segmentations, reports,
-# waveforms), deliberately broken files (MR_truncated, JPEG-lossy, badVR, no_meta,
-# JPEG2000-embedded-sequence-delimiter, emri_small_jpeg_2k_lossless_too_short), and other
-# encodings of the images above (MR_small_*, emri_small_*, *_J2KI, *_J2KR, *_UNCI, *_expb,
-# *_rle, color-px, color3d_jpeg_baseline).
+# Left out on purpose, by kind. Synthetic test patterns (SC_rgb*, GDCMJ2K_TextGBR,
+# JPEGLSNearLossless_*, mlut_18, vlut_04, image_dfl). A photograph (OT-PAL-8-face) and a nearly
+# blank 60x80 frame (ExplVR_BigEnd). Non-image objects (RT dose/plan/structure sets,
+# segmentations, reports, waveforms). Deliberately broken files (MR_truncated, JPEG-lossy,
+# badVR, no_meta, JPEG2000-embedded-sequence-delimiter, emri_small_jpeg_2k_lossless_too_short).
+# Other encodings of the images above (MR_small_*, emri_small_*, *_J2KI, *_J2KR, *_UNCI,
+# *_expb, *_rle, color-px, color3d_jpeg_baseline).
 
 
 def demo_file_names() -> list[str]:

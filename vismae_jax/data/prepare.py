@@ -17,7 +17,7 @@ files (DICOM files use their Modality tag). Output in OUT:
 Files are sorted by path and assigned to shards in blocks of --files_per_shard, so the output is
 byte-identical for the same inputs and options, whatever the number of workers. A shard counts
 as finished once its .json is written (after its .array_record); a rerun skips finished shards.
-No output holds a value from a DICOM header other than Modality; paths appear only in
+No output contains a value from a DICOM header other than Modality; paths appear only in
 rejects.jsonl, and manifest rows identify files by a salted hash of the path.
 """
 
@@ -141,8 +141,8 @@ def _decode_all(
         return
 
     # Spawned (not forked) workers: the parent may hold threads (JAX, tqdm) that fork breaks.
-    # NOTE: a worker killed by a crash inside a C decoder is replaced by the pool, but its task
-    # result is lost and this loop then waits forever; rerun to resume from the last shard.
+    # NOTE: the pool replaces a worker that crashes inside a C decoder, but that task's result
+    # is lost and this loop then waits forever. Kill and rerun to resume from the last shard.
     context = multiprocessing.get_context("spawn")
     chunksize = max(1, min(16, len(sources) // (4 * num_workers)))
     with context.Pool(num_workers) as pool:
@@ -213,8 +213,9 @@ def _check_or_write_config(output_dir: str, config: dict) -> None:
         )
         if changed:
             raise ValueError(
-                f"{output_dir} was prepared with different inputs or options ({', '.join(changed)}); "
-                "rerun with the original ones to resume, or use a new --output_dir."
+                f"{output_dir} was prepared with different inputs or options "
+                f"({', '.join(changed)}); rerun with the original ones to resume, or use a new "
+                "--output_dir."
             )
         return
     _write_atomically(config_path, _json_bytes(config))
