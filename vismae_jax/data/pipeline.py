@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
 MODALITIES = ("all", "mr", "ct", "pet", "xray", "us")
 
@@ -125,11 +126,14 @@ def make_dataset(
     summary = read_summary(corpus_dir)
     _check_corpus(summary, corpus_dir, image_size, channels)
     keys = record_keys(corpus_dir, modality)
+    if len(keys) == 0:
+        raise ValueError(f"Corpus {corpus_dir} has no images of modality {modality!r}.")
     if len(keys) < batch_size * process_count:
-        raise ValueError(
-            f"Corpus {corpus_dir} has {len(keys)} images of modality {modality!r}, fewer than "
-            f"one global batch ({batch_size} x {process_count} processes)."
-        )
+        logging.warning(
+            "Corpus %s has %d images of modality %r, fewer than one global batch (%d x %d): "
+            "batches repeat images.",
+            corpus_dir, len(keys), modality, batch_size, process_count,
+        )  # fmt: skip
 
     shard_paths = [
         os.path.join(corpus_dir, shard["file"])

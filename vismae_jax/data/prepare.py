@@ -292,24 +292,30 @@ class _ShardBuilder:
         return self.meta
 
 
-def _load_finished_shards(output_dir: str, num_shards: int) -> list[dict]:
-    """Return the metadata of the finished shards 0..k-1 (shards finish in order)."""
-    finished = []
+def _shard_meta_path(output_dir: str, shard: int) -> str:
+    return os.path.join(output_dir, SHARD_DIR, f"{shard_name(shard)}.json")
+
+
+def _read_shard_meta(output_dir: str, shard: int) -> dict:
+    with open(_shard_meta_path(output_dir, shard), encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _count_finished_shards(output_dir: str, num_shards: int) -> int:
+    """Return k such that shards 0..k-1 are finished (shards finish in order)."""
     for shard in range(num_shards):
-        base = os.path.join(output_dir, SHARD_DIR, shard_name(shard))
-        if not (os.path.exists(f"{base}.json") and os.path.exists(f"{base}.array_record")):
-            break
-        with open(f"{base}.json", encoding="utf-8") as file:
-            finished.append(json.load(file))
-    return finished
+        data_path = os.path.join(output_dir, SHARD_DIR, f"{shard_name(shard)}.array_record")
+        if not (os.path.exists(_shard_meta_path(output_dir, shard)) and os.path.exists(data_path)):
+            return shard
+    return num_shards
 
 
 def _remove_stale_files(output_dir: str, first_unfinished: int) -> None:
     """Delete temporary files and outputs of unfinished shards left by a killed run."""
     shard_dir = os.path.join(output_dir, SHARD_DIR)
-    for path in glob.glob(os.path.join(shard_dir, "*.tmp-*")) + glob.glob(
-        os.path.join(output_dir, "*.tmp-*")
-    ):
+    temporary = glob.glob(os.path.join(shard_dir, "*.tmp-*"))
+    temporary += glob.glob(os.path.join(output_dir, "*.tmp-*"))
+    for path in temporary:
         os.remove(path)
     for path in glob.glob(os.path.join(shard_dir, "images-*")):
         shard = int(os.path.basename(path).split("-")[1].split(".")[0])
@@ -317,38 +323,70 @@ def _remove_stale_files(output_dir: str, first_unfinished: int) -> None:
             os.remove(path)
 
 
-def _write_corpus_files(output_dir: str, metas: list[dict], config: dict) -> dict:
-    """Write manifest.jsonl, rejects.jsonl and summary.json from all shard metadata."""
-    manifest, rejects = [], []
-    for meta in metas:
-        manifest.extend({"shard": meta["shard"], **row} for row in meta["records"])
-        rejects.extend(meta["rejects"])
+@dataclasses.dataclass
+class _Totals:
+    """Counts over finished shards; the rows themselves stay in the shard .json files."""
+
+    shards: list[dict] = dataclasses.field(default_factory=list)
+    images_per_modality: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    rejects_per_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, meta: dict) -> None:
+        self.shards.append(
+            {
+                "file": f"{SHARD_DIR}/{shard_name(meta['shard'])}.array_record",
+                "num_records": len(meta["records"]),
+            }
+        )
+        self.images_per_modality.update(row["modality"] for row in meta["records"])
+        self.rejects_per_reason.update(row["reason"].split(":")[0] for row in meta["rejects"])
+
+
+def _write_corpus_files(output_dir: str, totals: _Totals, config: dict) -> dict:
+    """Write summary.json, and manifest.jsonl and rejects.jsonl streamed from the shard files."""
+    manifest_path = os.path.join(output_dir, "manifest.jsonl")
+    rejects_path = os.path.join(output_dir, "rejects.jsonl")
+    manifest_temporary = f"{manifest_path}.tmp-{os.getpid()}"
+    rejects_temporary = f"{rejects_path}.tmp-{os.getpid()}"
+    with open(manifest_temporary, "wb") as manifest, open(rejects_temporary, "wb") as rejects:
+        for shard in range(len(totals.shards)):
+            meta = _read_shard_meta(output_dir, shard)
+            manifest.write(_jsonl_bytes([{"shard": shard, **row} for row in meta["records"]]))
+            rejects.write(_jsonl_bytes(meta["rejects"]))
+    os.replace(manifest_temporary, manifest_path)
+    os.replace(rejects_temporary, rejects_path)
 
     summary = {
         "image_size": config["image_size"],
         "channels": config["channels"],
         "record_format": RECORD_FORMAT,
         "num_files": config["num_files"],
-        "num_images": len(manifest),
-        "num_rejects": len(rejects),
-        "images_per_modality": dict(
-            sorted(collections.Counter(r["modality"] for r in manifest).items())
-        ),
-        "rejects_per_reason": dict(
-            sorted(collections.Counter(r["reason"].split(":")[0] for r in rejects).items())
-        ),
-        "shards": [
-            {
-                "file": f"{SHARD_DIR}/{shard_name(meta['shard'])}.array_record",
-                "num_records": len(meta["records"]),
-            }
-            for meta in metas
-        ],
+        "num_images": sum(shard["num_records"] for shard in totals.shards),
+        "num_rejects": sum(totals.rejects_per_reason.values()),
+        "images_per_modality": dict(sorted(totals.images_per_modality.items())),
+        "rejects_per_reason": dict(sorted(totals.rejects_per_reason.items())),
+        "shards": totals.shards,
     }
-    _write_atomically(os.path.join(output_dir, "manifest.jsonl"), _jsonl_bytes(manifest))
-    _write_atomically(os.path.join(output_dir, "rejects.jsonl"), _jsonl_bytes(rejects))
     _write_atomically(os.path.join(output_dir, "summary.json"), _json_bytes(summary))
     return summary
+
+
+def _preparation_config(sources, options, files_per_shard, compression) -> dict:
+    """Return everything that must match for a rerun to resume an existing output."""
+    inputs_digest = hashlib.sha256()
+    for source in sources:
+        inputs_digest.update(f"{source.path}\t{source.modality}\n".encode())
+    config = {
+        **dataclasses.asdict(options),
+        "channels": options.channels,
+        "files_per_shard": files_per_shard,
+        "compression": compression,
+        "num_files": len(sources),
+        "inputs_sha256": inputs_digest.hexdigest(),
+    }
+    return json.loads(json.dumps(config))  # Tuples become lists, as when read back.
 
 
 def prepare_corpus(
@@ -371,51 +409,41 @@ def prepare_corpus(
         raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}.")
     sources = sorted(sources)
     os.makedirs(os.path.join(output_dir, SHARD_DIR), exist_ok=True)
-
-    inputs_digest = hashlib.sha256()
-    for source in sources:
-        inputs_digest.update(f"{source.path}\t{source.modality}\n".encode())
-    config = {
-        **dataclasses.asdict(options),
-        "channels": options.channels,
-        "files_per_shard": files_per_shard,
-        "compression": compression,
-        "num_files": len(sources),
-        "inputs_sha256": inputs_digest.hexdigest(),
-    }
-    config = json.loads(json.dumps(config))  # Tuples become lists, as when read back.
+    config = _preparation_config(sources, options, files_per_shard, compression)
     _check_or_write_config(output_dir, config)
     salt = _load_or_create_salt(output_dir, path_salt)
 
     shards = [sources[i : i + files_per_shard] for i in range(0, len(sources), files_per_shard)]
-    metas = _load_finished_shards(output_dir, len(shards))
-    _remove_stale_files(output_dir, len(metas))
-    duplicates = _DuplicateIndex()
-    for meta in metas:
+    num_finished = _count_finished_shards(output_dir, len(shards))
+    _remove_stale_files(output_dir, num_finished)
+    totals, duplicates = _Totals(), _DuplicateIndex()
+    for shard in range(num_finished):
+        meta = _read_shard_meta(output_dir, shard)
+        totals.add(meta)
         duplicates.uid_keys.update(meta["uid_keys"])
         duplicates.pixel_keys.update(meta["pixel_keys"])
 
-    files_done = sum(len(shard) for shard in shards[: len(metas)])
     logging.info(
         "Preparing %d files into %d shards in %s (%d shards already finished).",
-        len(sources), len(shards), output_dir, len(metas),
+        len(sources), len(shards), output_dir, num_finished,
     )  # fmt: skip
-    remaining = list(itertools.chain.from_iterable(shards[len(metas) :]))
+    remaining = list(itertools.chain.from_iterable(shards[num_finished:]))
     results = _decode_all(remaining, options, num_workers)
+    files_done = len(sources) - len(remaining)
     with tqdm(
         total=len(sources), initial=files_done, unit="file", disable=not progress, file=sys.stderr
     ) as bar:
-        for shard in range(len(metas), len(shards)):
+        for shard in range(num_finished, len(shards)):
             builder = _ShardBuilder(shard, salt, duplicates)
             for source in shards[shard]:
                 decoded, reason = next(results)
                 builder.add(source, decoded, reason)
                 bar.update(1)
-            metas.append(builder.write(output_dir, compression))
-            bar.set_postfix(images=sum(len(m["records"]) for m in metas), refresh=False)
+            totals.add(builder.write(output_dir, compression))
+            bar.set_postfix(images=sum(totals.images_per_modality.values()), refresh=False)
     results.close()
 
-    summary = _write_corpus_files(output_dir, metas, config)
+    summary = _write_corpus_files(output_dir, totals, config)
     logging.info(
         "Prepared %d images from %d files; %d rejects by reason: %s",
         summary["num_images"], summary["num_files"], summary["num_rejects"],
