@@ -207,6 +207,8 @@ def voi_to_unit(values: np.ndarray, attributes: Dataset, modality: str, options:
 def _colour_to_unit(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """Scale an RGB (or palette) frame to float [H, W, 3] in [0, 1]."""
     if photometric == "PALETTE COLOR":
+        # NOTE: pydicom 3.0.2 reads OW palette tables of big-endian files in little-endian byte
+        # order, so OBXXXX1A_expb.dcm decodes almost black; big endian is retired since 2004.
         rgb = apply_color_lut(frame, ds)
         scale = np.iinfo(rgb.dtype).max if np.issubdtype(rgb.dtype, np.integer) else rgb.max()
     else:

@@ -142,6 +142,8 @@ def make_dataset(
     ]
     read = ReadImageBatch(shard_paths, image_size, summary["channels"], channels)
 
+    # NOTE: Grain's index_shuffle costs about 10 us per record over 2.5M keys but about 1 ms
+    # over 59 keys (grain 0.2.18, measured on a shared 2-core CPU), so tiny corpora read slowly.
     dataset = grain.MapDataset.source(keys).seed(seed).shuffle().repeat()
     dataset = dataset[process_index::process_count]
     dataset = dataset.batch(batch_size, drop_remainder=True)

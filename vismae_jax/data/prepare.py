@@ -17,8 +17,9 @@ files (DICOM files use their Modality tag). Output in OUT:
 Files are sorted by path and assigned to shards in blocks of --files_per_shard, so the output is
 byte-identical for the same inputs and options, whatever the number of workers. A shard counts
 as finished once its .json is written (after its .array_record); a rerun skips finished shards.
-No output contains a value from a DICOM header other than Modality; paths appear only in
-rejects.jsonl, and manifest rows identify files by a salted hash of the path.
+The only header values written are Modality, image size and frame numbers, so no output
+contains patient identifiers. Paths appear only in rejects.jsonl; manifest rows identify files by
+a salted hash of the path.
 """
 
 import collections
@@ -462,7 +463,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for shards and man
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the stored square images, pixels.")
 _KEEP_COLOUR = flags.DEFINE_bool("keep_colour", False, "Store RGB (3 channels) instead of gray.")
 _LETTERBOX = flags.DEFINE_bool("letterbox", False, "Keep aspect ratio and pad instead of stretch.")
-_CT_WINDOW = flags.DEFINE_list("ct_window", ["40", "400"], "CENTER,WIDTH in HU for CT w/o window.")
+_CT_WINDOW = flags.DEFINE_list(
+    "ct_window", ["40", "400"], "CENTER,WIDTH in HU for CT without a window."
+)
 _PERCENTILES = flags.DEFINE_list(
     "percentiles", ["0.5", "99.5"], "LOW,HIGH percentiles mapped to [0, 1] when there is no window."
 )
@@ -472,7 +475,9 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Decodin
 _COMPRESSION = flags.DEFINE_string(
     "compression", "uncompressed", "ArrayRecord compression: uncompressed, zstd:LEVEL, snappy."
 )
-_PATH_SALT = flags.DEFINE_string("path_salt", None, "Salt of source_hash; default: random, stored.")
+_PATH_SALT = flags.DEFINE_string(
+    "path_salt", None, "Salt of source_hash; default: random (with --demo: 'demo'), stored."
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -480,8 +485,10 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not _OUTPUT_DIR.value:
         raise app.UsageError("--output_dir is required.")
+    path_salt = _PATH_SALT.value
     if _DEMO.value:
         sources = [SourceFile(path) for path in demo.demo_paths()]
+        path_salt = path_salt or "demo"  # Public files: a fixed salt keeps reruns identical.
     else:
         sources = list_input_files(_INPUT.value, _FILE_LIST.value)
     if not sources:
@@ -502,7 +509,7 @@ def main(argv: Sequence[str]) -> None:
         files_per_shard=_FILES_PER_SHARD.value,
         num_workers=_NUM_WORKERS.value,
         compression=_COMPRESSION.value,
-        path_salt=_PATH_SALT.value,
+        path_salt=path_salt,
     )
     print(json.dumps({k: summary[k] for k in summary if k != "shards"}, indent=1))
 
