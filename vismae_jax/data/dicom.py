@@ -236,42 +236,53 @@ def frame_to_unit(frame: np.ndarray, ds: Dataset, index: int, options: DecodeOpt
     return unit
 
 
-def decode_dicom_frames(path: str, options: DecodeOptions):
-    """Return the dataset and (frame number, raw frame, display-ready frame) per selected frame.
+def _iter_raw_frames(ds: Dataset, options: DecodeOptions):
+    """Yield (frame number, stored values) for the selected frames, one frame in memory at once.
 
-    Raw frames are the stored values [H, W] or [H, W, 3]; display-ready frames are float32 in
-    [0, 1] (see `frame_to_unit`).
-
-    Raises RejectedFile for non-image objects, truncated pixel data and undecodable
-    codestreams.
+    Raises RejectedFile for truncated pixel data and undecodable codestreams.
     """
-    ds = read_dataset(path)
     try:
         num_frames = get_nr_frames(ds, warn=False)
     except (ValueError, TypeError) as error:
         raise RejectedFile("invalid_header", "Number of Frames is not an integer") from error
 
     indices = select_frames(num_frames, options.max_frames)
-    try:
-        frames = list(iter_pixels(ds, indices=indices))
-    except ValueError as error:
-        if "less than" in str(error) or "too short" in str(error):
+    frames = iter_pixels(ds, indices=indices)
+    for index in indices:
+        try:
+            frame = next(frames)
+        except ValueError as error:
+            if "less than" in str(error) or "too short" in str(error):
+                raise RejectedFile(
+                    "truncated_pixel_data", "pixel data is shorter than the header requires"
+                ) from error
             raise RejectedFile(
-                "truncated_pixel_data", "pixel data is shorter than the header requires"
+                "decode_failed", f"pixel data could not be decoded ({type(error).__name__})"
             ) from error
-        raise RejectedFile(
-            "decode_failed", f"pixel data could not be decoded ({type(error).__name__})"
-        ) from error
-    except (RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError) as error:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        syntax_name = getattr(syntax, "name", "unknown transfer syntax")
-        raise RejectedFile(
-            "decode_failed", f"corrupt or unsupported pixel data ({syntax_name})"
-        ) from error
+        except (
+            RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError, StopIteration
+        ) as error:  # fmt: skip
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            syntax_name = getattr(syntax, "name", "unknown transfer syntax")
+            raise RejectedFile(
+                "decode_failed", f"corrupt or unsupported pixel data ({syntax_name})"
+            ) from error
+        yield index, frame
 
+
+def decode_dicom_frames(path: str, options: DecodeOptions):
+    """Return the dataset and (frame number, raw frame, display-ready frame) per selected frame.
+
+    Raw frames are the stored values [H, W] or [H, W, 3]; display-ready frames are float32 in
+    [0, 1] (see `frame_to_unit`). Keeps all frames in memory, for inspection and tests.
+
+    Raises RejectedFile for non-image objects, truncated pixel data and undecodable
+    codestreams.
+    """
+    ds = read_dataset(path)
     decoded = [
         (index, frame, frame_to_unit(frame, ds, index, options))
-        for index, frame in zip(indices, frames, strict=True)
+        for index, frame in _iter_raw_frames(ds, options)
     ]
     return ds, decoded
 
@@ -279,6 +290,7 @@ def decode_dicom_frames(path: str, options: DecodeOptions):
 def decode_dicom(path: str, options: DecodeOptions) -> DecodedFile:
     """Decode a DICOM file into stored images uint8 [S, S, C], one per selected frame.
 
+    Frames are decoded one at a time, so long cine loops need memory for one raw frame only.
     Raises RejectedFile (with a reason that never quotes header values) for every file that
     yields no image.
     """
@@ -286,16 +298,16 @@ def decode_dicom(path: str, options: DecodeOptions) -> DecodedFile:
         # Malformed but readable headers make pydicom warn once per element; the rejects file
         # and summary already report what matters.
         warnings.simplefilter("ignore")
-        ds, decoded = decode_dicom_frames(path, options)
-        frames = [
-            DecodedFrame(
-                frame=index, image=to_stored_image(unit, options), pixel_hash=pixel_hash(raw)
-            )
-            for index, raw, unit in decoded
-        ]
+        ds = read_dataset(path)
+        frames = []
+        height = width = 0
+        for index, raw in _iter_raw_frames(ds, options):
+            height, width = raw.shape[:2]
+            unit = frame_to_unit(raw, ds, index, options)
+            stored = to_stored_image(unit, options)
+            frames.append(DecodedFrame(frame=index, image=stored, pixel_hash=pixel_hash(raw)))
         if not frames:
             raise RejectedFile("non_image", "no frames in pixel data")
-        height, width = decoded[0][1].shape[:2]
         return DecodedFile(
             modality=corpus_modality(ds.get("Modality")),
             height=int(height),
