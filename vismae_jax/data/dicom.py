@@ -168,7 +168,7 @@ def _lut_table(item: Dataset, attributes: Dataset) -> tuple[int, int, np.ndarray
 def apply_voi_lut_sequence(values: np.ndarray, attributes: Dataset) -> np.ndarray:
     """Map values through the first VOI LUT and scale the LUT's output range to [0, 1].
 
-    The scale comes from the table's own minimum and maximum: descriptors often claim 16 bits
+    The scale comes from the table's own minimum and maximum: some descriptors claim 16 bits
     for tables that only reach 4095.
     """
     num_entries, first_mapped, table = _lut_table(attributes.VOILUTSequence[0], attributes)

@@ -20,8 +20,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 class RejectedFile(Exception):
     """A file that yields no training image.
 
-    `category` is a short key counted in summary.json (for example `truncated_pixel_data`);
-    `detail` is a fixed description that never quotes header values, so it contains no patient data.
+    `category` is a short key counted in summary.json (for example `truncated_pixel_data`).
+    `detail` is a fixed description that never quotes header values, so it contains no patient
+    data.
     """
 
     def __init__(self, category: str, detail: str):

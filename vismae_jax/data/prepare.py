@@ -20,6 +20,7 @@ as finished once its .json is written (after its .array_record); a rerun skips f
 The only header values written are Modality, image size and frame numbers, so no output
 contains patient identifiers. Paths appear only in rejects.jsonl; manifest rows identify files by
 a salted hash of the path.
+NOTE: identifiers burned into the pixels (common in ultrasound annotations) are not detected.
 """
 
 import collections
