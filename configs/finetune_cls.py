@@ -12,7 +12,7 @@ Unknown keys are errors.
 
 `default` is the recipe of the public VIS-MAE fine-tuning code: 224x224 inputs, batch 48, 50
 epochs with 10 warmup epochs, AdamW lr 1e-3, betas (0.9, 0.95), weight decay 0.05, cosine
-decay; cross-entropy loss. The model is the pretrained encoder, LayerNorm, global average pool
+decay, cross-entropy loss. The model is the pretrained encoder, LayerNorm, global average pool
 and a linear head.
 
 `demo` fine-tunes the full-size model on the pyradiomics demo volumes (downloaded with pip on

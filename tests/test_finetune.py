@@ -10,11 +10,11 @@ import torch
 
 from configs import finetune_cls, finetune_seg
 from vismae_jax import finetune
-from vismae_jax.torch import finetune_loop, models
+from vismae_jax.torch import finetune_loop, models, report
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The demo volumes are downloaded once (34.5 MB sdist from PyPI) and cached here; point
-# VISMAE_DEMO_DATA_DIR at a folder holding the ten NRRD files to test offline.
+# The demo volumes are downloaded once (34.5 MB sdist from PyPI) and cached here. To test
+# offline, point VISMAE_DEMO_DATA_DIR at a folder with the ten NRRD files.
 DEMO_CACHE = os.environ.get("VISMAE_DEMO_DATA_DIR", str(REPO_ROOT / ".cache" / "demo_data"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -159,3 +159,31 @@ def test_schedule_warmup_then_cosine():
 def test_initialisation_missing_file():
     with pytest.raises(FileNotFoundError, match="not found"):
         finetune_loop.parse_initialisations(["random", "/nonexistent/vismae_mae.pth"])
+
+
+def test_summary_mean_and_std():
+    runs = [
+        {"initialisation": "random", "split": f"fold{k}", "label_fraction": 1.0, "dice": value}
+        for k, value in enumerate([0.5, 0.7, 0.9])
+    ]
+
+    (row,) = report.summarise(runs, ["dice"])
+
+    assert row["dice_mean"] == pytest.approx(0.7)
+    assert row["dice_std"] == pytest.approx(0.2)  # sample standard deviation (ddof=1)
+    assert row["num_splits"] == 3
+
+
+def test_bfloat16_autocast_loss_float32():
+    config = finetune_seg.get_config("test")
+    model = finetune_loop.build_model(config, num_classes=2)
+    images = torch.randn(2, 1, 64, 64)
+    targets = torch.zeros(2, 64, 64, dtype=torch.long)
+
+    with finetune_loop.autocast(torch.device("cpu"), "bfloat16"):
+        logits = model(images)
+    loss = finetune_loop.compute_loss("segmentation", logits, targets)
+
+    assert logits.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)

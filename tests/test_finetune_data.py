@@ -188,3 +188,12 @@ def test_augmentation_affine_matches():
         agreement = ((augmented_image[0] > 0.5).long() == augmented_mask).float().mean()
         assert agreement > 0.97, seed
         assert not torch.equal(augmented_mask, mask), seed
+
+
+def test_mask_size_mismatch_rejected(tmp_path):
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(np.zeros((32, 16), np.uint8)).save(tmp_path / "mask.png")
+    csv_path = write_csv(tmp_path / "seg.csv", "image,mask", ["image.png,mask.png"])
+
+    with pytest.raises(ValueError, match="has slices"):
+        load_segmentation(csv_path)

@@ -6,7 +6,7 @@
 For every initialisation, cross-validation split and label fraction, the model is fine-tuned on
 the training subset, its best epoch is picked on the validation fold, and it is scored on the
 test fold. Each finished run is saved under WORKDIR/runs/, so rerunning the same command skips
-it and resumes with the next one. At the end WORKDIR holds results.csv, results.json,
+it and resumes with the next one. At the end WORKDIR contains results.csv, results.json,
 label_efficiency_METRIC.png and, for segmentation, overlays/.
 """
 

@@ -51,7 +51,7 @@ class TableRow:
 
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
-    """How images become stored uint8 slices."""
+    """Decoding settings that turn images and volumes into stored uint8 slices."""
 
     image_size: int  # Side S of the square stored image in pixels.
     window: tuple[float, float] = (0.0, 0.0)  # Volume (center, width); width 0 = percentiles.
@@ -164,8 +164,11 @@ def decode_options(options: LoadOptions) -> images.DecodeOptions:
     return images.DecodeOptions(image_size=options.image_size, keep_colour=False)
 
 
-def load_image_slices(path: pathlib.Path, options: LoadOptions) -> np.ndarray:
-    """Decode one image or volume file to stored slices uint8 [Z, S, S]."""
+def load_image_slices(path: pathlib.Path, options: LoadOptions) -> tuple[np.ndarray, tuple]:
+    """Decode one image or volume file to stored slices uint8 [Z, S, S].
+
+    Also returns the slice size (rows, columns) before resizing, to check masks against.
+    """
     if not path.exists():
         raise FileNotFoundError(
             f"Image {path} not found; paths in the CSV are relative to its folder."
@@ -174,9 +177,8 @@ def load_image_slices(path: pathlib.Path, options: LoadOptions) -> np.ndarray:
     if has_suffix(path, VOLUME_SUFFIXES):
         unit = window_volume(read_volume(path), options)
         slices = volume_slices(unit, options.slice_axis, path)
-        return np.stack(
-            [images.to_stored_image(s, decode_options(options))[..., 0] for s in slices]
-        )
+        stored = [images.to_stored_image(s, decode_options(options))[..., 0] for s in slices]
+        return np.stack(stored), slices.shape[1:]
 
     try:
         if has_suffix(path, DICOM_SUFFIXES) or is_dicom(path):
@@ -185,7 +187,8 @@ def load_image_slices(path: pathlib.Path, options: LoadOptions) -> np.ndarray:
             decoded = images.decode_image_file(str(path), "other", decode_options(options))
     except images.RejectedFile as error:
         raise ValueError(f"Image {path} could not be decoded: {error.reason}.") from error
-    return np.stack([frame.image[..., 0] for frame in decoded.frames])
+    stored = np.stack([frame.image[..., 0] for frame in decoded.frames])
+    return stored, (decoded.height, decoded.width)
 
 
 def is_dicom(path: pathlib.Path) -> bool:
@@ -226,7 +229,7 @@ def read_mask_slices(path: pathlib.Path, options: LoadOptions) -> np.ndarray:
 
     if np.issubdtype(values.dtype, np.floating):
         if not np.all(values == np.round(values)):
-            raise ValueError(f"Mask {path} holds non-integer values; masks must be class ids.")
+            raise ValueError(f"Mask {path} contains non-integer values; store integer class ids.")
     return values.astype(np.int64)
 
 
@@ -331,21 +334,24 @@ def near_foreground(raw_masks: np.ndarray, margin: int) -> np.ndarray:
 
 def load_dataset(table: list[TableRow], task: str, options: LoadOptions) -> DownstreamData:
     """Decode every row of `table` into memory (see the module docstring for the CSV)."""
+    # NOTE: everything stays in memory, 2 x S x S bytes per segmentation slice (about 200 KB at
+    # 320 x 320), so sets of more than a few hundred thousand slices need a lazy loader.
     stored, raw_masks, label_texts, groups, folds = [], [], [], [], []
-    cached_path, slices = None, None
+    cached_path, slices, slice_size = None, None, None
     for row in table:
         # Rows of one volume usually follow each other (one row per slice): decode it once.
         if row.image != cached_path:
-            cached_path, slices = row.image, load_image_slices(row.image, options)
+            cached_path = row.image
+            slices, slice_size = load_image_slices(row.image, options)
         keep = select_slices(len(slices), row.slice_index, row.image)
 
         if task == "segmentation":
             mask_path = pathlib.Path(row.target)
             masks = read_mask_slices(mask_path, options)
-            if len(masks) != len(slices):
+            if masks.shape != (len(slices), *slice_size):
                 raise ValueError(
-                    f"{row.image} has {len(slices)} slices but its mask {mask_path} "
-                    f"has {len(masks)}."
+                    f"{row.image} has slices [Z, rows, columns] = {[len(slices), *slice_size]} "
+                    f"but its mask {mask_path} has {list(masks.shape)}."
                 )
             near = near_foreground(masks, options.empty_slice_margin)
             keep = [k for k in keep if near[k]]
@@ -388,9 +394,7 @@ def load_dataset(table: list[TableRow], task: str, options: LoadOptions) -> Down
 class Augmentation:
     """Random transforms applied identically to an image and its mask."""
 
-    flip_probability: float = (
-        0.5  # Probability of a horizontal flip, and separately of a vertical one.
-    )
+    flip_probability: float = 0.5  # Probability of each of a horizontal and a vertical flip.
     rotate90: bool = True  # Rotate by a random multiple of 90 degrees.
     max_rotation_degrees: float = 10.0  # Small affine: rotation drawn from [-a, a] degrees.
     max_scale_change: float = 0.1  # Small affine: scale drawn from [1 - s, 1 + s].

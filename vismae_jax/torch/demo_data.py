@@ -97,11 +97,11 @@ def extract_volumes(archive: pathlib.Path, volume_dir: pathlib.Path) -> None:
 
 
 def fetch_volumes(cache_dir: str | pathlib.Path = "") -> pathlib.Path:
-    """Return the folder holding the ten demo volumes, downloading them on first use.
+    """Return the folder with the ten demo volumes, downloading them on first use.
 
     Args:
         cache_dir: folder to cache the volumes in; "" uses ~/.cache/vismae_jax/demo_data.
-            A folder that already holds the ten files with the right SHA-256 is used as is.
+            A folder that already contains the ten files with the right SHA-256 is used as is.
     """
     volume_dir = pathlib.Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR
     if cached_volumes_valid(volume_dir):

@@ -28,7 +28,7 @@ LOWER_IS_BETTER = ("loss",)
 
 @dataclasses.dataclass(frozen=True)
 class Initialisation:
-    """Where a model's weights come from: `path` "" means random initialisation."""
+    """Source of a model's starting weights: a file, or random initialisation when `path` is ""."""
 
     name: str  # Label in the results, for example "random" or "vismae_mae".
     path: str  # .pth ({"model": state_dict} or a bare state_dict) or .safetensors file.
@@ -219,7 +219,7 @@ def fit(
     """Train `model` for `config.train.num_epochs` and load the weights of its best epoch.
 
     The best epoch maximises `config.train.selection_metric` on `validation_set` (minimises
-    it for "loss"). `model` is left on `device` holding the best epoch's weights.
+    it for "loss"). `model` is left on `device` with the best epoch's weights.
     """
     train = config.train
     train_loader = make_loader(
