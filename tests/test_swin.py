@@ -72,10 +72,10 @@ def window_attention_ref(
 ) -> np.ndarray:
     """Shifted-window attention of one sample, token by token, without partition or roll.
 
-    tokens: [H, W, C] after norm1. The map is zero-padded to multiples of `window`; token (a, b)
-    of the padded map sits at ((a - shift) mod Hp, (b - shift) mod Wp) after the cyclic shift,
-    and attends to every token whose shifted position lies in the same window, with the
-    relative position bias of the two shifted positions and -100 between different regions.
+    tokens: [H, W, C] after norm1. The map is zero-padded to multiples of `window`. Token (a, b)
+    of the padded map sits at ((a - shift) mod Hp, (b - shift) mod Wp) after the cyclic shift.
+    It attends to every token whose shifted position lies in the same window. The bias comes
+    from the offset of the two shifted positions, and tokens of different regions get -100.
     """
     height, width, channels = tokens.shape
     padded_height = math.ceil(height / window) * window
@@ -273,11 +273,11 @@ def test_patch_expanding_matches_numpy(features, scale):
 def test_drop_path_zeroes_or_scales_samples():
     x = jnp.ones((4096, 3, 2))
     out = np.asarray(swin.drop_path(x, 0.25, jax.random.key(0)))
-    kept = out[:, 0, 0] != 0
+    kept_samples = out[:, 0, 0] != 0
 
-    assert np.all(out[kept] == pytest.approx(1 / 0.75))
-    assert np.all(out[~kept] == 0)
-    assert abs(kept.mean() - 0.75) < 0.03
+    assert np.all(out[kept_samples] == pytest.approx(1 / 0.75))
+    assert np.all(out[~kept_samples] == 0)
+    assert abs(kept_samples.mean() - 0.75) < 0.03
 
 
 def test_swin_block_drop_path_uses_rng_stream():

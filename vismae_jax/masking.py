@@ -2,7 +2,7 @@
 
 A mask unit is a square of `mask_unit` x `mask_unit` pixels, that is (mask_unit // patch_size)**2
 tokens. Every sample draws its own random permutation of the units and keeps the first
-int(num_units * (1 - mask_ratio)); all tokens of the other units are masked.
+int(num_units * (1 - mask_ratio)) units visible. All tokens of the other units are masked.
 """
 
 import jax

@@ -1,9 +1,10 @@
 """The VIS-MAE Swin masked autoencoder: encoder, decoder, patchify and reconstruction loss.
 
 Masked tokens are replaced in place by a learned mask token after the patch-embedding
-LayerNorm, so the full token grid flows through the Swin encoder and the decoder, which
-predicts every patch; the loss counts masked patches only. There are no skip connections and no
-positional embedding (the public PyTorch code keeps an unused fixed `pos_embed`).
+LayerNorm, so the full token grid flows through the Swin encoder and the decoder. The decoder
+predicts every patch, and the loss counts the masked patches only. There are no skip
+connections and no positional embedding (the public PyTorch code keeps an unused fixed
+`pos_embed`).
 """
 
 from collections.abc import Sequence
@@ -21,7 +22,11 @@ NORM_PIX_EPSILON = 1e-6
 
 
 def check_image_size(image_size: int, patch_size: int, num_stages: int) -> None:
-    """Raise ValueError unless every PatchMerging sees an even map and the decoder undoes it."""
+    """Raise ValueError unless image_size is a multiple of patch_size * 2**(num_stages - 1).
+
+    Below that, some PatchMerging would receive an odd token map, and the decoder's
+    PatchExpanding layers could not restore the input grid.
+    """
     multiple = patch_size * 2 ** (num_stages - 1)
     if image_size <= 0 or image_size % multiple != 0:
         raise ValueError(
@@ -99,9 +104,9 @@ class SwinMAE(nn.Module):
 
     Encoder stage s has depth depths[s], num_heads[s] heads and width embed_dim * 2**s, with
     PatchMerging after every stage but the last. The decoder opens with PatchExpanding of the
-    bottleneck, then decoder stage u mirrors encoder stage (n - 2 - u) (depth, heads, drop-path
-    rates) and ends with PatchExpanding except in the last stage, then LayerNorm `norm_up` and
-    the linear `decoder_pred` to p*p*C values per token.
+    bottleneck. Decoder stage u then takes the depth, heads and drop-path rates of encoder stage
+    (n - 2 - u) and ends with PatchExpanding, except the last one. LayerNorm `norm_up` and the
+    linear `decoder_pred` map every token to p*p*C values.
     """
 
     image_size: int = 224

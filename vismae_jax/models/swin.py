@@ -1,9 +1,9 @@
 """Swin Transformer building blocks in Flax linen, channels-last (NHWC).
 
 The modules follow the public Swin MAE / VIS-MAE PyTorch code closely enough that weights move
-between the two by renaming and transposing: LayerNorm eps 1e-6, exact erf GELU, one fused qkv
-projection, the shifted-window mask value -100, the shift kept even where a stage is a single
-window, and zero padding of maps that the window does not divide.
+between the two by renaming and transposing. Details that matter: LayerNorm eps 1e-6, exact
+erf GELU, one fused qkv projection, the shifted-window mask value -100, the shift kept even
+where a stage is a single window, and zero padding of maps that the window does not divide.
 
 Precision: matmuls run in `dtype` (bfloat16 by default) on parameters stored in `param_dtype`;
 attention logits, softmax and LayerNorm statistics are computed in float32.
@@ -83,9 +83,9 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
     """Return the additive attention mask float32 [nW, N, N] for a cyclically shifted map.
 
     After rolling a (padded) `height` x `width` map up and left by `shift_size`, the last
-    window row and column mix tokens from opposite borders. Tokens are labelled by region
-    (3 x 3 regions cut at -window_size and -shift_size along each axis); a query may attend
-    only to keys of its own region, others get -100. Padded tokens are not masked.
+    window row and column mix tokens from opposite borders. Each axis is cut at -window_size and
+    -shift_size into 3 x 3 regions. A query may attend only to keys of its own region, and the
+    other keys get -100. Padded tokens are not masked.
     """
     region = np.zeros((height, width), np.int32)
     bounds = (
@@ -194,7 +194,8 @@ class WindowAttention(nn.Module):
         )
         index = relative_position_index(self.window_size)
         num_tokens = index.shape[0]
-        bias = jnp.take(table, index.reshape(-1), axis=0)
+        # The index is a static table of valid rows, so the gather needs no bounds handling.
+        bias = table.at[index.reshape(-1)].get(mode="promise_in_bounds")
         bias = bias.reshape(num_tokens, num_tokens, self.num_heads).transpose(2, 0, 1)
         return bias.astype(jnp.float32)
 
