@@ -323,3 +323,28 @@ def test_bfloat16_forward_close_to_float32(tiny_params):
     assert np.all(np.isfinite(pred16))
     relative_error = np.linalg.norm(pred16 - pred32) / np.linalg.norm(pred32)
     assert relative_error < 0.05, relative_error
+
+
+def count_primitives(jaxpr, name: str) -> int:
+    """Count equations of primitive `name` in a jaxpr, including nested jaxprs (jit, remat)."""
+    count = 0
+    for equation in jaxpr.eqns:
+        count += equation.primitive.name == name
+        for value in equation.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    count += count_primitives(inner, name)
+    return count
+
+
+def test_forward_gathers_only_bias_tables(tiny_params):
+    # Windows, shifts, padding, merging and expanding are reshapes, transposes, slices and
+    # concatenations; the only gather per block reads its relative position bias table.
+    model = tiny_model()
+    mask = np.zeros((2, 256), bool)
+    jaxpr = jax.make_jaxpr(model.apply)({"params": tiny_params}, tiny_images(), mask).jaxpr
+    num_blocks = sum(model.depths) + sum(model.depths[:-1])
+
+    assert count_primitives(jaxpr, "gather") == num_blocks
+    assert count_primitives(jaxpr, "sort") == 0
