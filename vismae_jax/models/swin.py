@@ -75,7 +75,9 @@ def relative_position_index(window_size: int) -> np.ndarray:
     coords = coords.reshape(2, -1)
     delta = coords[:, :, None] - coords[:, None, :]
     index = (delta[0] + window_size - 1) * (2 * window_size - 1) + (delta[1] + window_size - 1)
-    return index.astype(np.int32)
+    index = index.astype(np.int32)
+    index.flags.writeable = False  # Cached and shared by every caller.
+    return index
 
 
 @functools.cache
@@ -101,7 +103,9 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
 
     windows = window_partition(region[None, :, :, None], window_size)[0, :, :, 0]
     different = windows[:, :, None] != windows[:, None, :]
-    return np.where(different, SHIFTED_WINDOW_MASK_VALUE, 0.0).astype(np.float32)
+    mask = np.where(different, SHIFTED_WINDOW_MASK_VALUE, 0.0).astype(np.float32)
+    mask.flags.writeable = False  # Cached and shared by every caller.
+    return mask
 
 
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
