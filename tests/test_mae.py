@@ -348,3 +348,23 @@ def test_forward_gathers_only_bias_tables(tiny_params):
 
     assert count_primitives(jaxpr, "gather") == num_blocks
     assert count_primitives(jaxpr, "sort") == 0
+
+
+@pytest.mark.parametrize("image_size", [96, 320])
+def test_forward_shapes(image_size):
+    # 96 and 320 leave stages that the 7x7 window does not divide, so those blocks pad.
+    model = mae.SwinMAE(image_size=image_size, channels=3, embed_dim=8, num_heads=(1, 1, 2, 2))
+    num_tokens = (image_size // 4) ** 2
+    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+    mask = jax.ShapeDtypeStruct((2, num_tokens), jnp.bool_)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images, mask)
+
+    latent = jax.eval_shape(
+        lambda v, x, m: model.apply(v, x, m, method=mae.SwinMAE.encode), variables, images, mask
+    )
+    pred = jax.eval_shape(model.apply, variables, images, mask)
+
+    assert latent.shape == (2, image_size // 32, image_size // 32, 64)
+    assert latent.dtype == jnp.bfloat16
+    assert pred.shape == (2, num_tokens, 48)
+    assert pred.dtype == jnp.float32
