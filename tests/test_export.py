@@ -1,19 +1,32 @@
 """Tests of the Flax <-> PyTorch SwinMAE conversion: exact round trips and numerical parity."""
 
 import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
+import safetensors.torch
 import torch
 from flax import traverse_util
 
 from configs import pretrain
 from vismae_jax import masking
 from vismae_jax.export import convert
+from vismae_jax.export import workdir as workdir_lib
 from vismae_jax.models import mae
 from vismae_jax.torch import models
+from vismae_jax.train import checkpoint, loop
+from vismae_jax.train import state as state_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Parity tolerance: max abs difference relative to the max abs value of the JAX output.
 TOLERANCE = 1e-5
@@ -49,6 +62,12 @@ def golden_state_dict(golden) -> dict[str, torch.Tensor]:
 
 
 def abstract_params(config):
+    return cached_abstract_params(config.to_json())
+
+
+@functools.cache
+def cached_abstract_params(config_json: str):
+    config = ml_collections.ConfigDict(json.loads(config_json))
     model = mae.SwinMAE.from_config(config)
     side, channels = config.image_size, config.channels
     tokens = (side // config.patch_size) ** 2
@@ -121,7 +140,7 @@ def torch_outputs(case: dict, state_dict: dict, channels: int) -> dict:
     model.load_state_dict(state_dict, strict=True)
     images = torch.from_numpy(np.array(case["images"])).permute(0, 3, 1, 2)
     images = images.expand(-1, channels, -1, -1) if images.shape[1] != channels else images
-    mask = torch.from_numpy(case["mask"])
+    mask = torch.from_numpy(np.array(case["mask"]))
     with torch.no_grad():
         latent = model.forward_encoder(images, mask)
         loss, pred, _ = model(images, mask)
@@ -257,3 +276,89 @@ def test_flax_to_torch_bfloat16_params():
 
     assert state_dict["decoder_pred.weight"].dtype == torch.float32
     assert_trees_identical(convert.torch_to_flax(state_dict, config), params)
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A workdir with the trainer's config.json and Orbax checkpoints at steps 3 and 7."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = pretrain.get_config("test")
+    config.model = small_config(64, channels=1)
+    loop.write_config(config, workdir)
+
+    params_by_step = {3: random_params(config.model, seed=3), 7: random_params(config.model, 7)}
+    manager = checkpoint.make_manager(workdir, keep=3, keep_period=0)
+    for step, params in params_by_step.items():
+        params = jax.tree.map(jnp.asarray, params)
+        state = state_lib.TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params=params,
+            opt_state=optax.adamw(1e-3).init(params),
+        )
+        meta = {"step": step, "examples_seen": 8 * step, "elapsed_seconds": 1.0}
+        checkpoint.save(manager, step, state, None, meta)
+    manager.wait_until_finished()
+    manager.close()
+    return workdir, config, params_by_step
+
+
+def test_export_workdir_files(trained_workdir):
+    workdir, config, params_by_step = trained_workdir
+
+    out_dir = workdir_lib.export_workdir(workdir, channels=3)
+
+    description = json.loads((out_dir / "config.json").read_text())
+    assert description["step"] == 7
+    assert description["kwargs"]["in_chans"] == 3
+    state_dict = torch.load(out_dir / "vismae_mae.pth", weights_only=True)["model"]
+    model = models.SwinMAE(**description["kwargs"])
+    model.load_state_dict(state_dict, strict=True)
+    expected = convert.flax_to_torch(params_by_step[7], config.model, channels_out=3)
+    for key, value in expected.items():
+        assert torch.equal(state_dict[key], value), key
+    from_safetensors = safetensors.torch.load_file(out_dir / "vismae_mae.safetensors")
+    for key, value in state_dict.items():
+        assert torch.equal(from_safetensors[key], value), key
+
+
+def test_export_workdir_step(trained_workdir):
+    workdir, config, params_by_step = trained_workdir
+
+    out_dir = workdir_lib.export_workdir(workdir, step=3, channels=1, verify=False)
+
+    state_dict = torch.load(out_dir / "vismae_mae.pth", weights_only=True)["model"]
+    expected = convert.flax_to_torch(params_by_step[3], config.model, channels_out=1)
+    for key, value in expected.items():
+        assert torch.equal(state_dict[key], value), key
+
+
+def test_export_workdir_missing_step(trained_workdir):
+    workdir, _, _ = trained_workdir
+
+    with pytest.raises(FileNotFoundError, match=r"\[3, 7\]"):
+        workdir_lib.export_workdir(workdir, step=5)
+
+
+def test_import_torch_round_trip(trained_workdir, tmp_path):
+    workdir, config, params_by_step = trained_workdir
+    state_dict = convert.flax_to_torch(params_by_step[7], config.model, channels_out=1)
+    torch.save({"model": state_dict}, tmp_path / "weights.pth")
+
+    target = workdir_lib.import_torch(tmp_path / "weights.pth", tmp_path / "new_run", config.model)
+    restored = checkpoint.load_params(target, workdir_lib.abstract_params(config.model))
+
+    assert_trees_identical(jax.tree.map(np.asarray, restored), params_by_step[7])
+
+
+def test_export_cli(trained_workdir, tmp_path):
+    workdir, _, _ = trained_workdir
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "vismae_jax.export", f"--workdir={workdir}", "--channels=1"]
+
+    result = subprocess.run(
+        [*command, "--noverify"], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    description = json.loads((workdir / "export" / "config.json").read_text())
+    assert description["kwargs"]["in_chans"] == 1
