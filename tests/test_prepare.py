@@ -24,10 +24,18 @@ from vismae_jax.data.images import DecodeOptions
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPTIONS = DecodeOptions(image_size=64)
 SALT = "test-salt"
+IN_PROCESS = prepare.WorkerSettings(num_workers=0)
 
 
 def run_prepare(sources, output_dir, **kwargs):
-    kwargs = {"files_per_shard": 8, "path_salt": SALT, "progress": False, **kwargs}
+    """Prepare in this process (no worker processes) unless `workers` says otherwise."""
+    kwargs = {
+        "files_per_shard": 8,
+        "path_salt": SALT,
+        "progress": False,
+        "workers": IN_PROCESS,
+        **kwargs,
+    }
     return prepare.prepare_corpus(sources, str(output_dir), OPTIONS, **kwargs)
 
 
@@ -70,11 +78,15 @@ def test_demo_summary_counts(demo_corpus):
     assert summary["rejects_per_reason"] == {"duplicate": summary["num_rejects"]}
 
 
-def test_demo_duplicates_dropped(demo_corpus):
+def test_demo_duplicates_dropped(demo_corpus, demo_sources):
     rejects = [
         json.loads(line) for line in (demo_corpus / "rejects.jsonl").read_text().splitlines()
     ]
-    by_name = {os.path.basename(row["path"]): row["reason"] for row in rejects}
+    names = {
+        prepare.source_hash(SALT, source.path): os.path.basename(source.path)
+        for source in demo_sources
+    }
+    by_name = {names[row["source_hash"]]: row["reason"] for row in rejects}
     assert "pixels" in by_name["examples_jpeg2k.dcm"]
     assert "SOP Instance UID" in by_name["examples_palette.dcm"]
 
@@ -109,7 +121,7 @@ def test_manifest_matches_records(demo_corpus):
 
 def test_demo_rerun_byte_identical(demo_corpus, demo_sources, tmp_path):
     # A second preparation with two worker processes must reproduce every output byte.
-    run_prepare(demo_sources, tmp_path, num_workers=2)
+    run_prepare(demo_sources, tmp_path, workers=prepare.WorkerSettings(num_workers=2))
     first, second = tree_bytes(demo_corpus), tree_bytes(tmp_path)
     assert sorted(first) == sorted(second)
     for name in first:
@@ -222,7 +234,7 @@ def test_list_input_files_sorted(tmp_path):
         [f"{tmp_path / 'a'}:xray", str(tmp_path / "b")], str(listing)
     )
     assert sources == [
-        prepare.SourceFile(str(tmp_path / "a" / "1.png"), "xray"),
-        prepare.SourceFile(str(tmp_path / "b" / "2.dcm"), None),
-        prepare.SourceFile(str(tmp_path / "c.jpg"), "us"),
+        prepare.SourceFile(str(tmp_path / "a" / "1.png"), "xray", str(tmp_path / "a")),
+        prepare.SourceFile(str(tmp_path / "b" / "2.dcm"), None, str(tmp_path / "b")),
+        prepare.SourceFile(str(tmp_path / "c.jpg"), "us", None),
     ]

@@ -5,21 +5,26 @@ enhanced multi-frame objects) -> VOI transform to [0, 1] (the first window, or t
 LUT) -> MONOCHROME1 inversion -> luminance unless colour is kept -> resize -> uint8.
 """
 
+import io
 import logging
+import struct
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 import pydicom.errors
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels
-from pydicom.pixels.utils import get_nr_frames
+from pydicom.pixels.utils import get_expected_length, get_nr_frames
 
 from vismae_jax.data.images import (
     DecodedFile,
     DecodedFrame,
     DecodeOptions,
     RejectedFile,
+    check_frame_size,
     percentile_window,
     pixel_hash,
     select_frames,
@@ -67,15 +72,21 @@ def corpus_modality(dicom_modality: str | None) -> str:
     return MODALITY_NAMES.get((dicom_modality or "").strip().upper(), "other")
 
 
-def read_dataset(path: str) -> Dataset:
-    """Read a DICOM Part 10 file, raising RejectedFile for unreadable or non-image objects."""
+def read_dataset(path: str | BinaryIO) -> Dataset:
+    """Read a DICOM Part 10 file (a name or an open binary file).
+
+    Raises RejectedFile for unreadable files and non-image objects.
+    """
     try:
         ds = pydicom.dcmread(path)
     except pydicom.errors.InvalidDicomError as error:
         raise RejectedFile(
             "not_dicom", "no DICOM preamble and file meta information (not a Part 10 file)"
         ) from error
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (
+        OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+        OverflowError, NotImplementedError,
+    ) as error:  # fmt: skip
         raise RejectedFile(
             "unreadable", f"pydicom could not parse the file ({type(error).__name__})"
         ) from error
@@ -236,16 +247,82 @@ def frame_to_unit(frame: np.ndarray, ds: Dataset, index: int, options: DecodeOpt
     return unit
 
 
-def _iter_raw_frames(ds: Dataset, options: DecodeOptions):
-    """Yield (frame number, stored values) for the selected frames, one frame in memory at once.
+def _positive_int(ds: Dataset, keyword: str) -> int:
+    """Return a required positive integer attribute, or raise RejectedFile naming it."""
+    value = ds.get(keyword)
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0] if len(value) == 1 else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        state = "missing" if value is None else "not a positive integer"
+        raise RejectedFile("invalid_header", f"{keyword} is {state}")
+    return value
 
-    Raises RejectedFile for truncated pixel data and undecodable codestreams.
+
+def _count_fragments(ds: Dataset) -> int:
+    """Return the number of fragments of encapsulated (compressed) Pixel Data."""
+    little_endian = ds.original_encoding[1] is not False
+    buffer = io.BytesIO(ds.PixelData)
+    try:
+        parse_basic_offsets(buffer, endianness="<" if little_endian else ">")
+        return parse_fragments(buffer, endianness="<" if little_endian else ">")[0]
+    except (ValueError, EOFError, struct.error) as error:
+        raise RejectedFile(
+            "decode_failed", "encapsulated pixel data has no valid item structure"
+        ) from error
+
+
+def check_pixel_attributes(ds: Dataset, options: DecodeOptions) -> int:
+    """Check the Image Pixel attributes against each other and the Pixel Data length.
+
+    Runs on the header only, before any pixel buffer is allocated, so a header that claims
+    100000 x 100000 pixels or a billion frames costs nothing. Returns the number of frames.
+    Raises RejectedFile (`invalid_header`, `too_large` or `truncated_pixel_data`).
     """
+    rows = _positive_int(ds, "Rows")
+    columns = _positive_int(ds, "Columns")
+    check_frame_size(rows, columns, options)
+
+    samples = _positive_int(ds, "SamplesPerPixel")
+    if samples not in (1, 3):
+        raise RejectedFile("invalid_header", f"Samples per Pixel is {samples}, not 1 or 3")
+    bits_allocated = _positive_int(ds, "BitsAllocated")
+    if bits_allocated not in (8, 16, 32, 64):
+        raise RejectedFile(
+            "invalid_header", f"Bits Allocated is {bits_allocated}, not 1, 8, 16, 32 or 64"
+        )
+    bits_stored = _positive_int(ds, "BitsStored")
+    if bits_stored > bits_allocated:
+        raise RejectedFile(
+            "invalid_header", f"Bits Stored {bits_stored} exceeds Bits Allocated {bits_allocated}"
+        )
+
     try:
         num_frames = get_nr_frames(ds, warn=False)
     except (ValueError, TypeError) as error:
         raise RejectedFile("invalid_header", "Number of Frames is not an integer") from error
+    if num_frames < 1:
+        raise RejectedFile("invalid_header", "Number of Frames is less than 1")
 
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and syntax.is_compressed:
+        num_fragments = _count_fragments(ds)
+        if num_frames > num_fragments:
+            raise RejectedFile(
+                "invalid_header",
+                f"Number of Frames {num_frames} exceeds the {num_fragments} pixel data fragments",
+            )
+    elif len(ds.PixelData) < get_expected_length(ds, unit="bytes"):
+        raise RejectedFile("truncated_pixel_data", "pixel data is shorter than the header requires")
+    return num_frames
+
+
+def _iter_raw_frames(ds: Dataset, options: DecodeOptions):
+    """Yield (frame number, stored values) for the selected frames, one frame in memory at once.
+
+    Raises RejectedFile for invalid Image Pixel attributes, truncated pixel data and
+    undecodable codestreams.
+    """
+    num_frames = check_pixel_attributes(ds, options)
     indices = select_frames(num_frames, options.max_frames)
     frames = iter_pixels(ds, indices=indices)
     for index in indices:
@@ -270,7 +347,7 @@ def _iter_raw_frames(ds: Dataset, options: DecodeOptions):
         yield index, frame
 
 
-def decode_dicom_frames(path: str, options: DecodeOptions):
+def decode_dicom_frames(path: str | BinaryIO, options: DecodeOptions):
     """Return the dataset and (frame number, raw frame, display-ready frame) per selected frame.
 
     Raw frames are the stored values [H, W] or [H, W, 3]; display-ready frames are float32 in
@@ -287,12 +364,12 @@ def decode_dicom_frames(path: str, options: DecodeOptions):
     return ds, decoded
 
 
-def decode_dicom(path: str, options: DecodeOptions) -> DecodedFile:
-    """Decode a DICOM file into stored images uint8 [S, S, C], one per selected frame.
+def decode_dicom(path: str | BinaryIO, options: DecodeOptions) -> DecodedFile:
+    """Decode a DICOM file (a name or an open binary file) into stored images uint8 [S, S, C].
 
-    Frames are decoded one at a time, so long cine loops need memory for one raw frame only.
-    Raises RejectedFile (with a reason that never quotes header values) for every file that
-    yields no image.
+    Returns one stored image per selected frame. Frames are decoded one at a time, so long cine
+    loops need memory for one raw frame only. Raises RejectedFile (with a reason that quotes no
+    text from the header) for every file that yields no image.
     """
     with warnings.catch_warnings():
         # Malformed but readable headers make pydicom warn once per element; the rejects file

@@ -6,6 +6,7 @@ to the square training size with anti-aliasing and quantises them to uint8 [S, S
 
 import dataclasses
 import hashlib
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -21,8 +22,8 @@ class RejectedFile(Exception):
     """A file that yields no training image.
 
     `category` is a short key counted in summary.json (for example `truncated_pixel_data`).
-    `detail` is a fixed description that never quotes header values, so it contains no patient
-    data.
+    `detail` is a description that quotes no text from the file or its path, so it contains no
+    patient data; it may state numeric image attributes such as Rows or Bits Allocated.
     """
 
     def __init__(self, category: str, detail: str):
@@ -45,6 +46,9 @@ class DecodeOptions:
     ct_window: tuple[float, float] = (40.0, 400.0)  # (center, width) in HU for CT without one.
     percentiles: tuple[float, float] = (0.5, 99.5)  # Range mapped to [0, 1] without a window.
     max_frames: int = 0  # Frames kept per multi-frame file, evenly spaced; 0 keeps all.
+    # Largest frame accepted, in pixels (rows x columns), checked on the header before any
+    # pixel buffer is allocated. 8192 x 8192 covers full-field mammograms and large CR plates.
+    max_pixels: int = 8192 * 8192
 
     @property
     def channels(self) -> int:
@@ -168,23 +172,41 @@ def _pil_to_unit(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / np.float32(255.0)
 
 
-def decode_image_file(path: str, modality: str, options: DecodeOptions) -> DecodedFile:
+def check_frame_size(height: int, width: int, options: DecodeOptions) -> None:
+    """Raise RejectedFile when a frame of height x width pixels exceeds `options.max_pixels`."""
+    if height * width > options.max_pixels:
+        raise RejectedFile(
+            "too_large",
+            f"frame of {height} x {width} pixels exceeds max_pixels={options.max_pixels}; "
+            "raise --max_pixels to accept it",
+        )
+
+
+def decode_image_file(path: str | BinaryIO, modality: str, options: DecodeOptions) -> DecodedFile:
     """Decode a PNG, JPEG, TIFF or BMP file (every page of a multi-page TIFF is a frame).
 
-    Raises RejectedFile when Pillow cannot read the file.
+    path: a file name or a binary file object opened for reading.
+    Raises RejectedFile when Pillow cannot read the file or a page exceeds `options.max_pixels`
+    (checked on the image header, before the pixels are decoded).
     """
     try:
         with Image.open(path) as image:
+            check_frame_size(image.height, image.width, options)
             num_frames = getattr(image, "n_frames", 1)
             frames = []
             for frame in select_frames(num_frames, options.max_frames):
                 image.seek(frame)
+                check_frame_size(image.height, image.width, options)
                 unit = _pil_to_unit(image)
                 raw = np.asarray(image)
                 stored = to_stored_image(unit, options)
                 frames.append(DecodedFrame(frame=frame, image=stored, pixel_hash=pixel_hash(raw)))
             height, width = image.height, image.width
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise RejectedFile(
+            "too_large", "Pillow rejected the image as a decompression bomb (over 2x its limit)"
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:
         raise RejectedFile(
             "unreadable", f"Pillow could not decode the image ({type(error).__name__})"
         ) from error

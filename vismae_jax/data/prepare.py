@@ -2,14 +2,16 @@
 
   python -m vismae_jax.data.prepare --input=/data/ct,/data/chest_png:xray --output_dir=OUT
   python -m vismae_jax.data.prepare --demo --output_dir=data/demo_corpus --image_size=224
+  python -m vismae_jax.data.prepare --lookup_hash=HASH --input=/data/ct --output_dir=OUT
 
 Each input folder is searched recursively; `DIR:MODALITY` sets the modality of its PNG/JPEG/TIFF
-files (DICOM files use their Modality tag). Output in OUT:
+files (DICOM files use their Modality tag). Output in OUT (docs/data_outputs.md has every field):
 
   shards/images-NNNNN.array_record  one record per image: raw uint8 bytes of [S, S, C]
   shards/images-NNNNN.json          that shard's manifest rows, rejects and duplicate keys
   manifest.jsonl                    shard, index, modality, height, width, frame, source_hash
-  rejects.jsonl                     path, frame (for duplicate frames) and reason
+  rejects.jsonl                     source_hash, reason, frame (duplicate frames only), and the
+                                    relative path only with --rejects_with_paths
   summary.json                      image_size, channels, shard sizes, counts per modality/reason
   prepare_config.json               options and an input-list digest, checked when resuming
   path_salt.txt                     secret salt of source_hash: keep it with the raw data
@@ -17,24 +19,32 @@ files (DICOM files use their Modality tag). Output in OUT:
 Files are sorted by path and assigned to shards in blocks of --files_per_shard, so the output is
 byte-identical for the same inputs and options, whatever the number of workers. A shard counts
 as finished once its .json is written (after its .array_record); a rerun skips finished shards.
-The only header values written are Modality, image size and frame numbers, so no output
-contains patient identifiers. Paths appear only in rejects.jsonl; manifest rows identify files by
-a salted hash of the path.
+The only header values written are Modality, image size and frame numbers, and files are named
+by a salted hash of their path, so no output contains patient identifiers from headers or
+folder names. `--lookup_hash` turns a hash back into the path, given the inputs and the salt.
+
+Each file is decoded in a worker process under a time limit (--file_timeout_s) and an
+address-space limit (--worker_memory_mib); a worker that runs over or crashes is replaced and
+its file rejected, so one bad file can neither stop nor hang the run.
 NOTE: identifiers burned into the pixels (common in ultrasound annotations) are not detected.
+NOTE: a file rejected for `timeout` depends on machine load, so on a busy machine a rerun may
+keep a slow file that an earlier run rejected.
 """
 
 import collections
 import dataclasses
+import errno
+import functools
 import glob
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import secrets
+import stat
 import sys
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from absl import app, flags, logging
 from array_record.python import array_record_module
@@ -49,6 +59,7 @@ from vismae_jax.data.images import (
     RejectedFile,
     decode_image_file,
 )
+from vismae_jax.data.workers import WorkerPool
 
 SHARD_DIR = "shards"
 CONFIG_FILE = "prepare_config.json"
@@ -57,10 +68,12 @@ RECORD_FORMAT = "raw uint8 bytes of one [image_size, image_size, channels] array
 
 
 class SourceFile(NamedTuple):
-    """An input file and the modality given for its folder (None: from the DICOM header)."""
+    """An input file, the modality given for its folder (None: from the DICOM header), and the
+    input folder it was found in (None for files listed one by one)."""
 
     path: str
     modality: str | None = None
+    root: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,75 +93,157 @@ def list_input_files(inputs: Sequence[str] = (), file_list: str | None = None) -
 
     inputs: folders (searched recursively) or single files, each optionally `PATH:MODALITY`.
     file_list: a text file with one path per line, optionally followed by a tab and a modality.
+
+    Symbolic links to folders are not followed, so link loops and links out of the input
+    folder cannot make the walk endless or leave the input. Such links, folders that cannot be
+    listed, and every other entry (FIFOs, dangling links) are listed too, so that preparation
+    records each of them in rejects.jsonl with a reason instead of skipping it silently.
     """
-    sources: dict[str, str | None] = {}
+    sources: dict[str, SourceFile] = {}
     for spec in inputs:
         path, modality = _parse_input(spec)
-        if os.path.isfile(path):
-            sources[path] = modality
-            continue
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"Input {path} is neither a folder nor a file.")
-        for root, dirs, files in os.walk(path):
+            if not os.path.lexists(path):
+                raise FileNotFoundError(f"Input {path} is neither a folder nor a file.")
+            sources[path] = SourceFile(path, modality, os.path.dirname(path) or ".")
+            continue
+
+        def keep_unlisted(error: OSError, root=path, modality=modality) -> None:
+            sources[error.filename] = SourceFile(error.filename, modality, root)
+
+        for folder, dirs, files in os.walk(path, onerror=keep_unlisted):
             dirs.sort()
-            for name in files:
+            linked = [name for name in dirs if os.path.islink(os.path.join(folder, name))]
+            for name in files + linked:
                 if not name.startswith("."):
-                    sources[os.path.join(root, name)] = modality
+                    sources[os.path.join(folder, name)] = SourceFile(
+                        os.path.join(folder, name), modality, path
+                    )
 
     if file_list:
         with open(file_list, encoding="utf-8") as lines:
             for line in lines:
                 path, _, modality = line.rstrip("\n").partition("\t")
                 if path.strip():
-                    sources[path.strip()] = modality.strip().lower() or None
+                    sources[path.strip()] = SourceFile(
+                        path.strip(), modality.strip().lower() or None
+                    )
 
-    for modality in set(sources.values()) - {None}:
+    for modality in {source.modality for source in sources.values()} - {None}:
         if modality not in CORPUS_MODALITIES:
             raise ValueError(f"Unknown modality {modality!r}; use one of {CORPUS_MODALITIES}.")
-    return [SourceFile(path, sources[path]) for path in sorted(sources)]
+    return [sources[path] for path in sorted(sources)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding (runs in worker processes).
 
+_OPEN_ERRORS = {
+    errno.ELOOP: ("symlink_loop", "symbolic link loop"),
+    errno.ENOENT: ("unreadable", "file not found (dangling symbolic link, or removed meanwhile)"),
+    errno.EACCES: ("unreadable", "permission denied"),
+    errno.EPERM: ("unreadable", "permission denied"),
+}
+_FILE_TYPES = {
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """Open a regular, non-empty file for binary reading, or raise RejectedFile saying why not.
+
+    The file is opened without blocking and checked on the open descriptor, so a FIFO (whose
+    open or read would wait for a writer forever) or a device is rejected, and a file swapped
+    after the check is impossible.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        category, detail = _OPEN_ERRORS.get(
+            error.errno,
+            ("unreadable", f"could not open the file ({errno.errorcode.get(error.errno)})"),
+        )
+        raise RejectedFile(category, detail) from error
+
+    file = os.fdopen(descriptor, "rb")
+    status = os.fstat(descriptor)
+    kind = stat.S_IFMT(status.st_mode)
+    if kind == stat.S_IFREG and status.st_size > 0:
+        return file
+
+    file.close()
+    if kind == stat.S_IFDIR:
+        raise RejectedFile(
+            "not_a_file",
+            "folder not searched: a symbolic link to a folder (not followed) or a folder that "
+            "could not be listed; pass its target as an input",
+        )
+    if kind != stat.S_IFREG:
+        raise RejectedFile("not_a_file", f"{_FILE_TYPES.get(kind, 'special file')}, not a file")
+    raise RejectedFile("empty_file", "the file has zero bytes")
+
 
 def decode_source(source: SourceFile, options: DecodeOptions) -> DecodedFile:
     """Decode one input file; raises RejectedFile when it yields no image."""
-    if source.path.lower().endswith(IMAGE_EXTENSIONS):
-        return decode_image_file(source.path, source.modality or "other", options)
-    decoded = decode_dicom(source.path, options)
+    with open_regular_file(source.path) as file:
+        if source.path.lower().endswith(IMAGE_EXTENSIONS):
+            return decode_image_file(file, source.modality or "other", options)
+        decoded = decode_dicom(file, options)
     if decoded.modality == "other" and source.modality:
         decoded.modality = source.modality
     return decoded
 
 
-def _decode_or_reject(task: tuple[SourceFile, DecodeOptions]) -> tuple[DecodedFile | None, str]:
-    """Return (decoded file, "") or (None, reject reason) for a worker task."""
-    source, options = task
+def decode_or_reject(source: SourceFile, options: DecodeOptions) -> tuple[DecodedFile | None, str]:
+    """Return (decoded file, "") or (None, reject reason); never raises for a bad file."""
     try:
         return decode_source(source, options), ""
     except RejectedFile as rejected:
         return None, rejected.reason
+    except MemoryError:
+        return None, "too_large: decoding needed more memory than the worker memory limit"
     except Exception as error:  # noqa: BLE001 - one bad file must never stop a corpus run.
         return None, f"decode_failed: unexpected {type(error).__name__} while decoding"
 
 
+def _failed_decode(source: SourceFile, reason: str) -> tuple[None, str]:
+    return None, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """How decoding runs: processes, and the time and memory each file may take."""
+
+    num_workers: int = 1  # Decoding processes; 0 decodes in this process, without limits.
+    file_timeout_s: float = 300.0  # Wall-clock limit per file; slower files are rejected.
+    worker_memory_mib: int = 4096  # Address-space limit per worker process; 0 = no limit.
+
+
 def _decode_all(
-    sources: Sequence[SourceFile], options: DecodeOptions, num_workers: int
+    sources: Sequence[SourceFile], options: DecodeOptions, workers: WorkerSettings
 ) -> Iterator[tuple[DecodedFile | None, str]]:
-    """Yield decode results in input order, using `num_workers` processes when > 1."""
-    tasks = ((source, options) for source in sources)
-    if num_workers <= 1:
-        yield from map(_decode_or_reject, tasks)
+    """Yield decode results in input order, in worker processes unless num_workers is 0."""
+    decode = functools.partial(decode_or_reject, options=options)
+    if workers.num_workers == 0:
+        yield from map(decode, sources)
         return
 
-    # Spawned (not forked) workers: the parent may hold threads (JAX, tqdm) that fork breaks.
-    # NOTE: the pool replaces a worker that crashes inside a C decoder, but that task's result
-    # is lost and this loop then waits forever. Kill and rerun to resume from the last shard.
-    context = multiprocessing.get_context("spawn")
-    chunksize = max(1, min(16, len(sources) // (4 * num_workers)))
-    with context.Pool(num_workers) as pool:
-        yield from pool.imap(_decode_or_reject, tasks, chunksize=chunksize)
+    pool = WorkerPool(
+        decode,
+        workers.num_workers,
+        timeout_s=workers.file_timeout_s,
+        failure=_failed_decode,
+        memory_limit_bytes=workers.worker_memory_mib * 2**20,
+    )
+    yield from pool.map(sources)
+    logging.info(
+        "Decoding workers: peak resident memory %.0f MiB per worker; %d replaced after a "
+        "timeout or crash.",
+        pool.peak_rss_bytes / 2**20, pool.num_replaced,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +270,29 @@ def _jsonl_bytes(rows: list[dict]) -> bytes:
 
 def _salted_hash(salt: str, kind: str, value: str) -> str:
     return hashlib.blake2b(f"{salt}\0{kind}\0{value}".encode(), digest_size=16).hexdigest()
+
+
+def source_hash(salt: str, path: str) -> str:
+    """Return the salted hash that stands for an input path in manifests and rejects."""
+    return _salted_hash(salt, "path", path)
+
+
+def relative_path(source: SourceFile) -> str:
+    """Return the path relative to its input folder, or as listed for files given one by one."""
+    if source.root is None:
+        return source.path
+    return os.path.relpath(source.path, source.root)
+
+
+def find_sources_by_hash(sources: Sequence[SourceFile], salt: str, hashes: Sequence[str]):
+    """Map each source_hash in `hashes` to the input path it stands for (absent if none)."""
+    wanted = set(hashes)
+    found = {}
+    for source in sources:
+        digest = source_hash(salt, source.path)
+        if digest in wanted:
+            found[digest] = source.path
+    return found
 
 
 def shard_name(shard: int) -> str:
@@ -234,38 +352,41 @@ class _DuplicateIndex:
 class _ShardBuilder:
     """Collect the images, manifest rows and rejects of one shard, in input order."""
 
-    def __init__(self, shard: int, salt: str, duplicates: _DuplicateIndex):
+    def __init__(
+        self, shard: int, salt: str, duplicates: _DuplicateIndex, rejects_with_paths: bool
+    ):
         self.shard = shard
         self.salt = salt
         self.duplicates = duplicates
+        self.rejects_with_paths = rejects_with_paths
         self.images: list[bytes] = []
         self.meta = {"shard": shard, "records": [], "rejects": [], "uid_keys": [], "pixel_keys": []}
 
+    def _reject(self, source: SourceFile, reason: str, frame: int | None = None) -> None:
+        row = {"source_hash": source_hash(self.salt, source.path), "reason": reason}
+        if frame is not None:
+            row["frame"] = frame
+        if self.rejects_with_paths:
+            row["path"] = relative_path(source)
+        self.meta["rejects"].append(row)
+
     def add(self, source: SourceFile, decoded: DecodedFile | None, reason: str) -> None:
         if decoded is None:
-            self.meta["rejects"].append({"path": source.path, "reason": reason})
+            self._reject(source, reason)
             return
 
         if decoded.sop_instance_uid:
             uid_key = _salted_hash(self.salt, "uid", decoded.sop_instance_uid)
             if uid_key in self.duplicates.uid_keys:
-                self.meta["rejects"].append(
-                    {"path": source.path, "reason": "duplicate: SOP Instance UID already stored"}
-                )
+                self._reject(source, "duplicate: SOP Instance UID already stored")
                 return
             self.duplicates.uid_keys.add(uid_key)
             self.meta["uid_keys"].append(uid_key)
 
-        source_hash = _salted_hash(self.salt, "path", source.path)
+        path_hash = source_hash(self.salt, source.path)
         for frame in decoded.frames:
             if frame.pixel_hash in self.duplicates.pixel_keys:
-                self.meta["rejects"].append(
-                    {
-                        "path": source.path,
-                        "frame": frame.frame,
-                        "reason": "duplicate: identical pixels already stored",
-                    }
-                )
+                self._reject(source, "duplicate: identical pixels already stored", frame.frame)
                 continue
             self.duplicates.pixel_keys.add(frame.pixel_hash)
             self.meta["pixel_keys"].append(frame.pixel_hash)
@@ -276,7 +397,7 @@ class _ShardBuilder:
                     "height": decoded.height,
                     "width": decoded.width,
                     "frame": frame.frame,
-                    "source_hash": source_hash,
+                    "source_hash": path_hash,
                 }
             )
             self.images.append(frame.image.tobytes())
@@ -375,7 +496,7 @@ def _write_corpus_files(output_dir: str, totals: _Totals, config: dict) -> dict:
     return summary
 
 
-def _preparation_config(sources, options, files_per_shard, compression) -> dict:
+def _preparation_config(sources, options, files_per_shard, compression, rejects_with_paths):
     """Return everything that must match for a rerun to resume an existing output."""
     inputs_digest = hashlib.sha256()
     for source in sources:
@@ -385,6 +506,7 @@ def _preparation_config(sources, options, files_per_shard, compression) -> dict:
         "channels": options.channels,
         "files_per_shard": files_per_shard,
         "compression": compression,
+        "rejects_with_paths": rejects_with_paths,
         "num_files": len(sources),
         "inputs_sha256": inputs_digest.hexdigest(),
     }
@@ -397,21 +519,24 @@ def prepare_corpus(
     options: DecodeOptions,
     *,
     files_per_shard: int = 1024,
-    num_workers: int = 1,
+    workers: WorkerSettings = WorkerSettings(),
     compression: str = "uncompressed",
     path_salt: str | None = None,
+    rejects_with_paths: bool = False,
     progress: bool = True,
 ) -> dict:
     """Decode `sources` into ArrayRecord shards under `output_dir` and return the summary.
 
     Resumes a killed run in the same `output_dir`: finished shards are kept and their files are
     not decoded again. `compression` is an ArrayRecord option (`uncompressed`, `zstd:3`, ...).
+    Rejected files appear in rejects.jsonl by source hash; `rejects_with_paths` adds their
+    paths relative to the input folder, which may contain patient names.
     """
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}.")
     sources = sorted(sources)
     os.makedirs(os.path.join(output_dir, SHARD_DIR), exist_ok=True)
-    config = _preparation_config(sources, options, files_per_shard, compression)
+    config = _preparation_config(sources, options, files_per_shard, compression, rejects_with_paths)
     _check_or_write_config(output_dir, config)
     salt = _load_or_create_salt(output_dir, path_salt)
 
@@ -430,13 +555,13 @@ def prepare_corpus(
         len(sources), len(shards), output_dir, num_finished,
     )  # fmt: skip
     remaining = list(itertools.chain.from_iterable(shards[num_finished:]))
-    results = _decode_all(remaining, options, num_workers)
+    results = _decode_all(remaining, options, workers)
     files_done = len(sources) - len(remaining)
     with tqdm(
         total=len(sources), initial=files_done, unit="file", disable=not progress, file=sys.stderr
     ) as bar:
         for shard in range(num_finished, len(shards)):
-            builder = _ShardBuilder(shard, salt, duplicates)
+            builder = _ShardBuilder(shard, salt, duplicates, rejects_with_paths)
             for source in shards[shard]:
                 decoded, reason = next(results)
                 builder.add(source, decoded, reason)
@@ -471,14 +596,65 @@ _PERCENTILES = flags.DEFINE_list(
     "percentiles", ["0.5", "99.5"], "LOW,HIGH percentiles mapped to [0, 1] when there is no window."
 )
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Evenly spaced frames per file; 0 = all.")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "max_pixels", DecodeOptions.max_pixels, "Largest frame accepted, rows x columns, in pixels."
+)
 _FILES_PER_SHARD = flags.DEFINE_integer("files_per_shard", 1024, "Input files per output shard.")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1, "Decoding processes.")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", os.cpu_count() or 1, "Decoding processes; 0 decodes in this process."
+)
+_FILE_TIMEOUT_S = flags.DEFINE_float(
+    "file_timeout_s", WorkerSettings.file_timeout_s, "Time limit per file, seconds."
+)
+_WORKER_MEMORY_MIB = flags.DEFINE_integer(
+    "worker_memory_mib",
+    WorkerSettings.worker_memory_mib,
+    "Address-space limit of each decoding process, MiB; 0 = no limit.",
+)
 _COMPRESSION = flags.DEFINE_string(
     "compression", "uncompressed", "ArrayRecord compression: uncompressed, zstd:LEVEL, snappy."
 )
 _PATH_SALT = flags.DEFINE_string(
     "path_salt", None, "Salt of source_hash; default: random (with --demo: 'demo'), stored."
 )
+_REJECTS_WITH_PATHS = flags.DEFINE_bool(
+    "rejects_with_paths",
+    False,
+    "Also write each rejected file's path, relative to its input folder, to rejects.jsonl. "
+    "Folder and file names often contain patient names or IDs.",
+)
+_LOOKUP_HASH = flags.DEFINE_list(
+    "lookup_hash",
+    [],
+    "Print the input paths of these source_hash values (from manifest.jsonl or rejects.jsonl) "
+    "and exit. Needs the same --input or --file_list as the run and its --output_dir.",
+)
+
+
+def _list_sources(path_salt: str | None) -> tuple[list[SourceFile], str | None]:
+    """Return the sources named on the command line and the salt to use for them."""
+    if _DEMO.value:
+        # Public files: a fixed salt keeps reruns identical.
+        return [SourceFile(path) for path in demo.demo_paths()], path_salt or "demo"
+    return list_input_files(_INPUT.value, _FILE_LIST.value), path_salt
+
+
+def _lookup(sources: Sequence[SourceFile], output_dir: str, hashes: Sequence[str]) -> None:
+    """Print `hash<TAB>path` for every hash found among the sources; exit 1 if any is missing."""
+    salt_path = os.path.join(output_dir, SALT_FILE)
+    if not os.path.exists(salt_path):
+        raise app.UsageError(f"{salt_path} not found; pass the --output_dir of the run.")
+    with open(salt_path, encoding="utf-8") as file:
+        salt = file.read().strip()
+
+    found = find_sources_by_hash(sources, salt, hashes)
+    for digest in hashes:
+        print(f"{digest}\t{found.get(digest, 'NOT FOUND')}")
+    if len(found) < len(set(hashes)):
+        sys.exit(
+            "Some hashes matched no input file: pass --input or --file_list exactly as in the "
+            "run, since the hash covers the path as listed."
+        )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -486,14 +662,12 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not _OUTPUT_DIR.value:
         raise app.UsageError("--output_dir is required.")
-    path_salt = _PATH_SALT.value
-    if _DEMO.value:
-        sources = [SourceFile(path) for path in demo.demo_paths()]
-        path_salt = path_salt or "demo"  # Public files: a fixed salt keeps reruns identical.
-    else:
-        sources = list_input_files(_INPUT.value, _FILE_LIST.value)
+    sources, path_salt = _list_sources(_PATH_SALT.value)
     if not sources:
         raise app.UsageError("No input files: pass --input, --file_list or --demo.")
+    if _LOOKUP_HASH.value:
+        _lookup(sources, _OUTPUT_DIR.value, _LOOKUP_HASH.value)
+        return
 
     options = DecodeOptions(
         image_size=_IMAGE_SIZE.value,
@@ -502,15 +676,22 @@ def main(argv: Sequence[str]) -> None:
         ct_window=tuple(float(v) for v in _CT_WINDOW.value),
         percentiles=tuple(float(v) for v in _PERCENTILES.value),
         max_frames=_MAX_FRAMES.value,
+        max_pixels=_MAX_PIXELS.value,
+    )
+    workers = WorkerSettings(
+        num_workers=_NUM_WORKERS.value,
+        file_timeout_s=_FILE_TIMEOUT_S.value,
+        worker_memory_mib=_WORKER_MEMORY_MIB.value,
     )
     summary = prepare_corpus(
         sources,
         _OUTPUT_DIR.value,
         options,
         files_per_shard=_FILES_PER_SHARD.value,
-        num_workers=_NUM_WORKERS.value,
+        workers=workers,
         compression=_COMPRESSION.value,
         path_salt=path_salt,
+        rejects_with_paths=_REJECTS_WITH_PATHS.value,
     )
     print(json.dumps({k: summary[k] for k in summary if k != "shards"}, indent=1))
 
