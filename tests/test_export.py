@@ -23,7 +23,7 @@ from vismae_jax.export import convert
 from vismae_jax.export import workdir as workdir_lib
 from vismae_jax.models import mae
 from vismae_jax.torch import models
-from vismae_jax.train import checkpoint, loop
+from vismae_jax.train import checkpoint
 from vismae_jax.train import state as state_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -284,7 +284,8 @@ def trained_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     config = pretrain.get_config("test")
     config.model = small_config(64, channels=1)
-    loop.write_config(config, workdir)
+    # The same file as the pretraining loop writes.
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
     params_by_step = {3: random_params(config.model, seed=3), 7: random_params(config.model, 7)}
     manager = checkpoint.make_manager(workdir, keep=3, keep_period=0)
@@ -311,6 +312,7 @@ def test_export_workdir_files(trained_workdir):
     assert description["step"] == 7
     assert description["kwargs"]["in_chans"] == 3
     state_dict = torch.load(out_dir / "vismae_mae.pth", weights_only=True)["model"]
+    assert len(state_dict) == 224
     model = models.SwinMAE(**description["kwargs"])
     model.load_state_dict(state_dict, strict=True)
     expected = convert.flax_to_torch(params_by_step[7], config.model, channels_out=3)
