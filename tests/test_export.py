@@ -120,6 +120,8 @@ def jax_case(image_size: int, channels: int) -> dict:
 
     compiled = jax.jit(forward).lower(params, images, mask).compile(FAST_COMPILE)
     pred, latent, loss = compiled(params, images, mask)
+    target = mae.patchify(images, config.patch_size)
+    loss_norm_pix = mae.reconstruction_loss(pred, target, mask, norm_pix_loss=True)
     return dict(
         config=config,
         params=params,
@@ -128,6 +130,7 @@ def jax_case(image_size: int, channels: int) -> dict:
         pred=np.asarray(pred),
         latent=np.asarray(latent),
         loss=float(loss),
+        loss_norm_pix=float(loss_norm_pix),
     )
 
 
@@ -144,7 +147,14 @@ def torch_outputs(case: dict, state_dict: dict, channels: int) -> dict:
     with torch.no_grad():
         latent = model.forward_encoder(images, mask)
         loss, pred, _ = model(images, mask)
-    return dict(pred=pred.numpy(), latent=latent.numpy(), loss=loss.item())
+        model.norm_pix_loss = True
+        loss_norm_pix = model.forward_loss(images, pred, mask)
+    return dict(
+        pred=pred.numpy(),
+        latent=latent.numpy(),
+        loss=loss.item(),
+        loss_norm_pix=loss_norm_pix.item(),
+    )
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -171,6 +181,7 @@ def test_parity_jax_torch(image_size, channels):
     assert relative_error(out["pred"], case["pred"]) < TOLERANCE
     assert relative_error(out["latent"], case["latent"]) < TOLERANCE
     assert abs(out["loss"] - case["loss"]) < TOLERANCE * case["loss"]
+    assert abs(out["loss_norm_pix"] - case["loss_norm_pix"]) < TOLERANCE * case["loss_norm_pix"]
 
 
 def test_parity_gray_to_three_channels():
