@@ -72,6 +72,18 @@ def corpus_modality(dicom_modality: str | None) -> str:
     return MODALITY_NAMES.get((dicom_modality or "").strip().upper(), "other")
 
 
+def _sop_class_name(ds: Dataset) -> str:
+    """Return the registered name of the SOP Class UID (from the file meta if need be).
+
+    An unregistered UID is not quoted: a hostile file could put any text there.
+    """
+    file_meta = getattr(ds, "file_meta", None) or Dataset()
+    for uid in (ds.get("SOPClassUID"), file_meta.get("MediaStorageSOPClassUID")):
+        if isinstance(uid, pydicom.uid.UID) and uid.keyword:
+            return uid.name
+    return "unknown SOP class"
+
+
 def read_dataset(path: str | BinaryIO) -> Dataset:
     """Read a DICOM Part 10 file (a name or an open binary file).
 
@@ -92,13 +104,17 @@ def read_dataset(path: str | BinaryIO) -> Dataset:
         ) from error
 
     modality = str(ds.get("Modality", "") or "").strip().upper()
-    sop_class = ds.get("SOPClassUID")
-    sop_class_name = getattr(sop_class, "name", "unknown SOP class")
+    sop_class_name = _sop_class_name(ds)
     if modality in NON_IMAGE_MODALITIES:
         raise RejectedFile("non_image", f"{modality} object ({sop_class_name})")
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise RejectedFile("unsupported", "float pixel data (parametric map)")
+        if sop_class_name.endswith("Image Storage"):
+            raise RejectedFile(
+                "missing_pixel_data",
+                f"{sop_class_name} object without Pixel Data (a truncated file?)",
+            )
         raise RejectedFile("non_image", f"no pixel data ({sop_class_name})")
     if int(ds.get("BitsAllocated", 0) or 0) == 1:
         raise RejectedFile("non_image", f"1-bit pixel data is a binary mask ({sop_class_name})")

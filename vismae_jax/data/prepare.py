@@ -168,13 +168,12 @@ def open_regular_file(path: str) -> BinaryIO:
         )
         raise RejectedFile(category, detail) from error
 
-    file = os.fdopen(descriptor, "rb")
     status = os.fstat(descriptor)
     kind = stat.S_IFMT(status.st_mode)
     if kind == stat.S_IFREG and status.st_size > 0:
-        return file
+        return os.fdopen(descriptor, "rb")
 
-    file.close()
+    os.close(descriptor)
     if kind == stat.S_IFDIR:
         raise RejectedFile(
             "not_a_file",
@@ -238,12 +237,14 @@ def _decode_all(
         failure=_failed_decode,
         memory_limit_bytes=workers.worker_memory_mib * 2**20,
     )
-    yield from pool.map(sources)
-    logging.info(
-        "Decoding workers: peak resident memory %.0f MiB per worker; %d replaced after a "
-        "timeout or crash.",
-        pool.peak_rss_bytes / 2**20, pool.num_replaced,
-    )  # fmt: skip
+    try:
+        yield from pool.map(sources)
+    finally:  # Also when the caller closes this generator after the last result.
+        logging.info(
+            "Decoding workers: peak resident memory %.0f MiB per worker; %d replaced after a "
+            "timeout or crash.",
+            pool.peak_rss_bytes / 2**20, pool.num_replaced,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
