@@ -202,7 +202,8 @@ def test_empty_dataset_rejected(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(RejectedFile) as raised:
         dicom.decode_dicom(str(path), OPTIONS)
-    assert raised.value.category == "non_image"
+    # The file meta declares Secondary Capture Image Storage, an image object.
+    assert raised.value.category == "missing_pixel_data"
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 200, b"not a dicom file at all"])
