@@ -16,9 +16,11 @@ import time
 import warnings
 import zlib
 
+import numpy as np
 import pydicom
 import pytest
 from array_record.python import array_record_module
+from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import DataElement
 from pydicom.filewriter import write_file_meta_info
@@ -260,7 +262,7 @@ def test_hostile_good_images_kept(hostile_corpus, hostile_run, tmp_path):
         str(reference),
         OPTIONS,
         files_per_shard=FILES_PER_SHARD,
-        workers=prepare.WorkerSettings(num_workers=0),
+        num_workers=0,
         path_salt=SALT,
         progress=False,
     )
@@ -320,3 +322,119 @@ def test_pool_replaces_hung_and_crashed(tmp_path):
     assert results[3] == "worker_crashed: the worker died (killed by SIGSEGV)"
     assert pool.num_replaced == 2
     assert elapsed < 60
+
+
+# Patient identifiers planted in headers, PNG text chunks, folder names and file names.
+PLANTED_TAGS = {
+    "PatientName": "Zyxwvut^Qplantedname",
+    "PatientID": "PID98765PLANT",
+    "PatientBirthDate": "19011231",
+    "AccessionNumber": "ACC4242PLANT",
+    "InstitutionName": "Qwertyhospital Plantclinic",
+    "ReferringPhysicianName": "Drplanted^Vbnmer",
+    "StudyDate": "19020317",
+}
+PLANTED_STRINGS = (
+    "Zyxwvut", "Qplantedname", "PID98765PLANT", "19011231", "ACC4242PLANT", "Qwertyhospital",
+    "Plantclinic", "Drplanted", "Vbnmer", "19020317",
+)  # fmt: skip
+
+
+def planted_dicom(name: str) -> pydicom.Dataset:
+    ds = read(name)
+    for keyword, value in PLANTED_TAGS.items():
+        setattr(ds, keyword, value)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    return ds
+
+
+@pytest.fixture(scope="module")
+def patient_corpus(tmp_path_factory) -> pathlib.Path:
+    """Write good, duplicate and broken files with planted identifiers; return the input root."""
+    root = tmp_path_factory.mktemp("patients")
+    study = root / "Zyxwvut_Qplantedname_PID98765PLANT" / "ACC4242PLANT_19011231"
+    study.mkdir(parents=True)
+    planted_dicom("MR_small.dcm").save_as(study / "Zyxwvut_mr.dcm")
+    shutil.copy(study / "Zyxwvut_mr.dcm", study / "Zyxwvut_mr_copy.dcm")
+
+    ct_bytes = pydicom.filebase.DicomBytesIO()
+    planted_dicom("CT_small.dcm").save_as(ct_bytes)
+    (study / "PID98765PLANT_truncated.dcm").write_bytes(ct_bytes.getvalue()[:-5000])
+
+    # An unregistered SOP Class UID holding text, which a reject reason must not quote.
+    ds = planted_dicom("MR_small.dcm")
+    del ds.PixelData
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UI and CS values.
+        ds.SOPClassUID = "Zyxwvut.Qplantedname"
+        ds.Modality = "Vbnmer"
+        ds.save_as(study / "no_pixels.dcm", enforce_file_format=False)
+
+    chest = root / "Qwertyhospital_Plantclinic"
+    chest.mkdir()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Patient", "Zyxwvut^Qplantedname PID98765PLANT 19011231")
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)).save(
+        chest / "Drplanted_chest.png", pnginfo=text
+    )
+    return root
+
+
+def find_planted(content: bytes) -> list[str]:
+    return [planted for planted in PLANTED_STRINGS if planted.lower().encode() in content.lower()]
+
+
+def test_planted_identifiers_absent(patient_corpus, tmp_path):
+    output = tmp_path / "out"
+    log, _ = run_cli(
+        f"--input={patient_corpus}",
+        f"--output_dir={output}",
+        "--image_size=32",
+        "--num_workers=1",
+    )
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["num_images"] == 2
+    assert summary["rejects_per_reason"] == {
+        "duplicate": 1,
+        "missing_pixel_data": 1,
+        "truncated_pixel_data": 1,
+    }
+
+    assert find_planted(log.encode()) == []
+    for path in sorted(output.rglob("*")):
+        if path.is_file():
+            assert find_planted(path.read_bytes()) == [], path.name
+
+
+def test_lookup_hash_finds_reject(patient_corpus, tmp_path):
+    output = tmp_path / "out"
+    run_cli(f"--input={patient_corpus}", f"--output_dir={output}", "--num_workers=0")
+    rejects = [json.loads(line) for line in (output / "rejects.jsonl").read_text().splitlines()]
+    truncated = next(row for row in rejects if row["reason"].startswith("truncated"))
+
+    printed, _ = run_cli(
+        f"--input={patient_corpus}",
+        f"--output_dir={output}",
+        f"--lookup_hash={truncated['source_hash']}",
+    )
+    assert f"{truncated['source_hash']}\t{patient_corpus}/" in printed
+    assert "PID98765PLANT_truncated.dcm" in printed
+
+
+def test_rejects_with_paths_relative(patient_corpus, tmp_path):
+    prepare.prepare_corpus(
+        prepare.list_input_files([str(patient_corpus)]),
+        str(tmp_path),
+        OPTIONS,
+        num_workers=0,
+        rejects_with_paths=True,
+        progress=False,
+    )
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    paths = sorted(row["path"] for row in rejects)
+    study = "Zyxwvut_Qplantedname_PID98765PLANT/ACC4242PLANT_19011231"
+    assert paths == [
+        f"{study}/PID98765PLANT_truncated.dcm",
+        f"{study}/Zyxwvut_mr_copy.dcm",
+        f"{study}/no_pixels.dcm",
+    ]

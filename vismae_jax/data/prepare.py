@@ -212,30 +212,31 @@ def _failed_decode(source: SourceFile, reason: str) -> tuple[None, str]:
     return None, reason
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerSettings:
-    """How decoding runs: processes, and the time and memory each file may take."""
-
-    num_workers: int = 1  # Decoding processes; 0 decodes in this process, without limits.
-    file_timeout_s: float = 300.0  # Wall-clock limit per file; slower files are rejected.
-    worker_memory_mib: int = 4096  # Address-space limit per worker process; 0 = no limit.
+# Defaults of the decoding limits. 4 GiB fits a frame of the default max_pixels (8192 x 8192:
+# 128 MiB stored, 512 MiB as float64, 256 MiB as float32) and a file of about 2 GiB.
+FILE_TIMEOUT_S = 300.0
+WORKER_MEMORY_MIB = 4096
 
 
 def _decode_all(
-    sources: Sequence[SourceFile], options: DecodeOptions, workers: WorkerSettings
+    sources: Sequence[SourceFile],
+    options: DecodeOptions,
+    num_workers: int,
+    file_timeout_s: float,
+    worker_memory_mib: int,
 ) -> Iterator[tuple[DecodedFile | None, str]]:
     """Yield decode results in input order, in worker processes unless num_workers is 0."""
     decode = functools.partial(decode_or_reject, options=options)
-    if workers.num_workers == 0:
+    if num_workers == 0:
         yield from map(decode, sources)
         return
 
     pool = WorkerPool(
         decode,
-        workers.num_workers,
-        timeout_s=workers.file_timeout_s,
+        num_workers,
+        timeout_s=file_timeout_s,
         failure=_failed_decode,
-        memory_limit_bytes=workers.worker_memory_mib * 2**20,
+        memory_limit_bytes=worker_memory_mib * 2**20,
     )
     try:
         yield from pool.map(sources)
@@ -520,7 +521,9 @@ def prepare_corpus(
     options: DecodeOptions,
     *,
     files_per_shard: int = 1024,
-    workers: WorkerSettings = WorkerSettings(),
+    num_workers: int = 1,
+    file_timeout_s: float = FILE_TIMEOUT_S,
+    worker_memory_mib: int = WORKER_MEMORY_MIB,
     compression: str = "uncompressed",
     path_salt: str | None = None,
     rejects_with_paths: bool = False,
@@ -530,6 +533,11 @@ def prepare_corpus(
 
     Resumes a killed run in the same `output_dir`: finished shards are kept and their files are
     not decoded again. `compression` is an ArrayRecord option (`uncompressed`, `zstd:3`, ...).
+
+    Files are decoded in `num_workers` processes, each file within `file_timeout_s` seconds
+    and each process within `worker_memory_mib` MiB of address space (0: no limit); a file
+    over either limit, or whose worker crashes, is rejected. num_workers=0 decodes in this
+    process without those limits, for debugging.
     Rejected files appear in rejects.jsonl by source hash; `rejects_with_paths` adds their
     paths relative to the input folder, which may contain patient names.
     """
@@ -556,7 +564,7 @@ def prepare_corpus(
         len(sources), len(shards), output_dir, num_finished,
     )  # fmt: skip
     remaining = list(itertools.chain.from_iterable(shards[num_finished:]))
-    results = _decode_all(remaining, options, workers)
+    results = _decode_all(remaining, options, num_workers, file_timeout_s, worker_memory_mib)
     files_done = len(sources) - len(remaining)
     with tqdm(
         total=len(sources), initial=files_done, unit="file", disable=not progress, file=sys.stderr
@@ -605,11 +613,11 @@ _NUM_WORKERS = flags.DEFINE_integer(
     "num_workers", os.cpu_count() or 1, "Decoding processes; 0 decodes in this process."
 )
 _FILE_TIMEOUT_S = flags.DEFINE_float(
-    "file_timeout_s", WorkerSettings.file_timeout_s, "Time limit per file, seconds."
+    "file_timeout_s", FILE_TIMEOUT_S, "Time limit per file, seconds."
 )
 _WORKER_MEMORY_MIB = flags.DEFINE_integer(
     "worker_memory_mib",
-    WorkerSettings.worker_memory_mib,
+    WORKER_MEMORY_MIB,
     "Address-space limit of each decoding process, MiB; 0 = no limit.",
 )
 _COMPRESSION = flags.DEFINE_string(
@@ -679,17 +687,14 @@ def main(argv: Sequence[str]) -> None:
         max_frames=_MAX_FRAMES.value,
         max_pixels=_MAX_PIXELS.value,
     )
-    workers = WorkerSettings(
-        num_workers=_NUM_WORKERS.value,
-        file_timeout_s=_FILE_TIMEOUT_S.value,
-        worker_memory_mib=_WORKER_MEMORY_MIB.value,
-    )
     summary = prepare_corpus(
         sources,
         _OUTPUT_DIR.value,
         options,
         files_per_shard=_FILES_PER_SHARD.value,
-        workers=workers,
+        num_workers=_NUM_WORKERS.value,
+        file_timeout_s=_FILE_TIMEOUT_S.value,
+        worker_memory_mib=_WORKER_MEMORY_MIB.value,
         compression=_COMPRESSION.value,
         path_salt=path_salt,
         rejects_with_paths=_REJECTS_WITH_PATHS.value,
