@@ -141,9 +141,9 @@ def write_bad_dicoms(folder: pathlib.Path) -> dict[str, str]:
 def write_special_entries(folder: pathlib.Path) -> dict[str, str]:
     """Create entries that are not readable regular files; return {name: expected reason}.
 
-    Tests run as root here, and root reads a chmod 000 file, so the unreadable entries are
-    ones that fail for every user: a FIFO (opening it for reading would wait forever for a
-    writer), a dangling symbolic link and a loop of two links. A link to an ancestor folder
+    Tests run as root here, and root reads a chmod 000 file. So the unreadable entries are
+    ones that fail for every user: a FIFO, which a plain open() would wait on forever for a
+    writer, a dangling symbolic link and a loop of two links. A link to an ancestor folder
     would make a walk that follows links endless.
     """
     os.mkfifo(folder / "fifo.dcm")

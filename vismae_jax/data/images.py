@@ -23,7 +23,7 @@ class RejectedFile(Exception):
 
     `category` is a short key counted in summary.json (for example `truncated_pixel_data`).
     `detail` is a description that quotes no text from the file or its path, so it contains no
-    patient data; it may state numeric image attributes such as Rows or Bits Allocated.
+    patient data. It may state numeric image attributes such as Rows or Bits Allocated.
     """
 
     def __init__(self, category: str, detail: str):

@@ -275,7 +275,7 @@ def _salted_hash(salt: str, kind: str, value: str) -> str:
 
 
 def source_hash(salt: str, path: str) -> str:
-    """Return the salted hash that stands for an input path in manifests and rejects."""
+    """Return the salted hash that identifies an input path in manifests and rejects."""
     return _salted_hash(salt, "path", path)
 
 
@@ -287,7 +287,7 @@ def relative_path(source: SourceFile) -> str:
 
 
 def find_sources_by_hash(sources: Sequence[SourceFile], salt: str, hashes: Sequence[str]):
-    """Map each source_hash in `hashes` to the input path it stands for (absent if none)."""
+    """Map each source_hash in `hashes` to the input path it was computed from (absent if none)."""
     wanted = set(hashes)
     found = {}
     for source in sources:

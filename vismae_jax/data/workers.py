@@ -1,8 +1,8 @@
 """Map a function over many inputs in worker processes, with a deadline and a memory limit each.
 
-Unlike `multiprocessing.Pool`, a worker that runs past the deadline is killed, and a worker that
-dies (a crash inside a C decoder, the out-of-memory killer) is noticed; either way a new worker
-takes its place and the input it held gets a failure result instead of stalling the run.
+Unlike with `multiprocessing.Pool`, a worker that runs past the deadline is killed, and a worker
+that dies (a crash inside a C decoder, the out-of-memory killer) is noticed. Either way a new
+worker takes its place, and the input it held gets a failure result instead of stalling the run.
 """
 
 import contextlib
