@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.demo = False  # Use the pyradiomics demo volumes instead of data.csv.
     config.data.demo_cache_dir = ""  # Cache folder for the demo volumes; "" = ~/.cache/vismae_jax.
     config.data.image_size = 224  # Side of the square model input in pixels; a multiple of 32.
-    config.data.channels = 1  # Model input channels; must match the exported weights (1 or 3).
+    config.data.channels = 0  # Model input channels (1 or 3); 0 = as exported, 1 for random init.
     config.data.pixel_mean = 0.223  # Normalisation mean of pixels in [0, 1] (pretraining value).
     config.data.pixel_std = 0.202  # Normalisation standard deviation (pretraining value).
     config.data.window = (

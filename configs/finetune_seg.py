@@ -16,8 +16,9 @@ loss 0.4 x cross-entropy + 0.6 x soft Dice. The public code uses encoder depths 
 which leaves 8 blocks without pretrained weights; the default (2, 2, 2, 2) initialises every
 block from the MAE (set model.depths=(2,2,6,2) for the public layout).
 
-`demo` fine-tunes the full-size model on the pyradiomics demo volumes (downloaded with pip on
-first use) at 96x96 for 3 epochs, on 2 of 5 cross-validation splits and 2 label fractions.
+`demo` fine-tunes the full-size model on the 27 lesion slices of the pyradiomics demo volumes
+(downloaded with pip on first use) at 96x96 for 5 epochs, on 2 of 5 cross-validation splits and
+2 label fractions.
 """
 
 import ml_collections
@@ -46,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.demo = False  # Use the pyradiomics demo volumes instead of data.csv.
     config.data.demo_cache_dir = ""  # Cache folder for the demo volumes; "" = ~/.cache/vismae_jax.
     config.data.image_size = 320  # Side of the square model input in pixels; a multiple of 32.
-    config.data.channels = 1  # Model input channels; must match the exported weights (1 or 3).
+    config.data.channels = 0  # Model input channels (1 or 3); 0 = as exported, 1 for random init.
     config.data.pixel_mean = 0.223  # Normalisation mean of pixels in [0, 1] (pretraining value).
     config.data.pixel_std = 0.202  # Normalisation standard deviation (pretraining value).
     config.data.window = (
@@ -121,16 +122,16 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
       python -m vismae_jax.finetune --config=configs/finetune_seg.py:demo \
         --workdir=/tmp/seg_demo
     Expected: results.csv, label_efficiency_{dice,precision,recall}.png and overlays/ in the
-    workdir. Three epochs on about 30 slices are far from converged: the numbers show that the
-    pipeline runs, not what the model can reach.
+    workdir. Five epochs on about 16 training slices are far from converged: the numbers show
+    that the pipeline runs, not what the model can reach.
     """
     config.data.demo = True
     config.data.image_size = 96
-    config.data.empty_slice_margin = 2
+    config.data.empty_slice_margin = 0
     config.data.num_workers = 0
-    config.train.batch_size = 8
+    config.train.batch_size = 4
     config.train.eval_batch_size = 16
-    config.train.num_epochs = 3
+    config.train.num_epochs = 5
     config.train.warmup_epochs = 1.0
     config.protocol.label_fractions = (0.25, 1.0)
     config.protocol.splits_to_run = (0, 1)

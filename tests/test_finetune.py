@@ -20,11 +20,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_mae_weights(path: pathlib.Path, config) -> None:
-    """Save the weights of a randomly initialised tiny SwinMAE as {"model": state_dict}."""
+    """Save a randomly initialised tiny 3-channel SwinMAE as {"model": state_dict}.
+
+    Three channels is the export default, so the runs must take the channels from the weights.
+    """
     torch.manual_seed(1)
     mae = models.SwinMAE(
         img_size=64,
-        in_chans=config.data.channels,
+        in_chans=3,
         embed_dim=config.model.embed_dim,
         num_heads=tuple(config.model.num_heads),
     )
@@ -82,12 +85,13 @@ def test_pretrained_weights_loaded(segmentation_run):
     config, _, weights_path, results = segmentation_run
     weights = torch.load(weights_path, weights_only=True)["model"]
     tiny_runs = [run for run in results["runs"] if run["initialisation"] == "tiny"]
-    model = finetune_loop.build_model(config, num_classes=2)
+    model = finetune_loop.build_model(config, num_classes=2, channels=3)
     shared = [key for key in model.state_dict() if key in weights]
 
-    finetune_loop.initialise_model(model, finetune_loop.Initialisation("tiny", str(weights_path)))
+    finetune_loop.initialise_model(model, weights)
 
     assert all(run["pretrained_tensors_loaded"] == len(shared) for run in tiny_runs)
+    assert all(run["input_channels"] == 3 for run in tiny_runs)
     assert torch.equal(
         model.state_dict()["layers.3.blocks.1.mlp.fc2.weight"],
         weights["layers.3.blocks.1.mlp.fc2.weight"],
@@ -176,7 +180,7 @@ def test_summary_mean_and_std():
 
 def test_bfloat16_autocast_loss_float32():
     config = finetune_seg.get_config("test")
-    model = finetune_loop.build_model(config, num_classes=2)
+    model = finetune_loop.build_model(config, num_classes=2, channels=1)
     images = torch.randn(2, 1, 64, 64)
     targets = torch.zeros(2, 64, 64, dtype=torch.long)
 
@@ -187,3 +191,11 @@ def test_bfloat16_autocast_loss_float32():
     assert logits.dtype == torch.bfloat16
     assert loss.dtype == torch.float32
     assert torch.isfinite(loss)
+
+
+def test_input_channels_resolution():
+    three_channel = {"patch_embed.proj.weight": torch.zeros(16, 3, 4, 4)}
+
+    assert finetune_loop.input_channels(0, three_channel) == 3
+    assert finetune_loop.input_channels(0, None) == 1
+    assert finetune_loop.input_channels(1, None) == 1

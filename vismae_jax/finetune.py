@@ -81,13 +81,14 @@ def make_dataset(
     config: ml_collections.ConfigDict,
     data: data_lib.DownstreamData,
     indices: np.ndarray,
+    channels: int,
     train: bool,
 ) -> data_lib.SliceDataset:
     augmentation = data_lib.Augmentation(**config.augment.to_dict()) if train else None
     return data_lib.SliceDataset(
         data,
         indices,
-        channels=config.data.channels,
+        channels=channels,
         pixel_mean=config.data.pixel_mean,
         pixel_std=config.data.pixel_std,
         augmentation=augmentation,
@@ -109,20 +110,22 @@ def run_one(
     Returns the result row (test metrics, subset sizes, best epoch, history) and the test
     predictions.
     """
+    weights = finetune_loop.read_weights(initialisation)
+    channels = finetune_loop.input_channels(config.data.channels, weights)
     torch.manual_seed(config.seed)
-    model = finetune_loop.build_model(config, data.num_classes)
-    load_report = finetune_loop.initialise_model(model, initialisation)
+    model = finetune_loop.build_model(config, data.num_classes, channels)
+    load_report = finetune_loop.initialise_model(model, weights)
 
     fit = finetune_loop.fit(
         model,
-        make_dataset(config, data, train_indices, train=True),
-        make_dataset(config, data, split.validation, train=False),
+        make_dataset(config, data, train_indices, channels, train=True),
+        make_dataset(config, data, split.validation, channels, train=False),
         config,
         data.num_classes,
         device,
         log_prefix,
     )
-    test_set = make_dataset(config, data, split.test, train=False)
+    test_set = make_dataset(config, data, split.test, channels, train=False)
     test_loader = finetune_loop.make_loader(
         test_set, config.train.eval_batch_size, False, config.data.num_workers, 0
     )
@@ -140,6 +143,7 @@ def run_one(
         **test,
         "validation": fit.best_validation,
         "history": fit.history,
+        "input_channels": channels,
         "pretrained_tensors_loaded": 0 if load_report is None else len(load_report.loaded),
         "tensors_newly_initialised": None if load_report is None else len(load_report.initialised),
     }

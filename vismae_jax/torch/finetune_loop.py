@@ -59,13 +59,35 @@ def parse_initialisations(entries: tuple[str, ...] | list[str]) -> list[Initiali
     return parsed
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> torch.nn.Module:
+def read_weights(initialisation: Initialisation) -> dict[str, torch.Tensor] | None:
+    """Read the initialisation's state_dict on CPU (None for random initialisation)."""
+    if not initialisation.path:
+        return None
+    return models.read_state_dict(initialisation.path)
+
+
+def input_channels(configured: int, weights: dict[str, torch.Tensor] | None) -> int:
+    """Return the model's input channels: `configured` if > 0, else the weights' (random: 1).
+
+    Exports default to 3 channels (gray replicated, the public layout) and can be written with
+    1, so 0 follows whatever the weights were exported with.
+    """
+    if configured > 0:
+        return configured
+    if weights is not None and "patch_embed.proj.weight" in weights:
+        return int(weights["patch_embed.proj.weight"].shape[1])
+    return 1
+
+
+def build_model(
+    config: ml_collections.ConfigDict, num_classes: int, channels: int
+) -> torch.nn.Module:
     """Build the task's model (SwinUNet or SwinClassifier) from `config.model`."""
     model_class = models.SwinUNet if config.task == SEGMENTATION else models.SwinClassifier
     return model_class(
         num_classes=num_classes,
         patch_size=config.model.patch_size,
-        in_chans=config.data.channels,
+        in_chans=channels,
         embed_dim=config.model.embed_dim,
         depths=tuple(config.model.depths),
         num_heads=tuple(config.model.num_heads),
@@ -76,12 +98,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> torch.nn
 
 
 def initialise_model(
-    model: torch.nn.Module, initialisation: Initialisation
+    model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
 ) -> models.LoadReport | None:
-    """Load pretrained weights into `model` (random: nothing to do); return the load report."""
-    if not initialisation.path:
+    """Load pretrained weights into `model` (None: keep the random initialisation)."""
+    if weights is None:
         return None
-    return models.load_pretrained(model, models.read_state_dict(initialisation.path))
+    return models.load_pretrained(model, weights)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -17,6 +17,8 @@ import numpy as np  # noqa: E402
 
 KEY_COLUMNS = ("initialisation", "split", "label_fraction")
 INFO_COLUMNS = ("num_train", "num_validation", "num_test", "best_epoch", "seconds")
+# Written to results.csv when the runs have them (segmentation only).
+OPTIONAL_COLUMNS = ("empty_agreement_images",)
 # Overlay colours (RGB in [0, 1]): ground truth green, prediction red, overlap yellow.
 GROUND_TRUTH_COLOUR = np.array([0.0, 1.0, 0.0])
 PREDICTION_COLOUR = np.array([1.0, 0.0, 0.0])
@@ -57,7 +59,8 @@ def write_results(workdir: pathlib.Path, runs: list[dict], metric_names: list[st
     with open(workdir / "results.json", "w") as file:
         json.dump({"metrics": metric_names, "runs": runs, "summary": summary}, file, indent=2)
 
-    columns = [*KEY_COLUMNS, *metric_names, *INFO_COLUMNS]
+    optional = [column for column in OPTIONAL_COLUMNS if any(column in run for run in runs)]
+    columns = [*KEY_COLUMNS, *metric_names, *INFO_COLUMNS, *optional]
     with open(workdir / "results.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
