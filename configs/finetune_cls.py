@@ -15,9 +15,9 @@ epochs with 10 warmup epochs, AdamW lr 1e-3, betas (0.9, 0.95), weight decay 0.0
 decay, cross-entropy loss. The model is the pretrained encoder, LayerNorm, global average pool
 and a linear head.
 
-`demo` fine-tunes the full-size model on the pyradiomics demo volumes (downloaded with pip on
-first use), one slice per image labelled by whether it contains lesion, at 64x64 for 3 epochs,
-on 2 of 5 cross-validation splits and 2 label fractions.
+`demo` fine-tunes the full-size model on the 178 slices of the pyradiomics demo volumes
+(downloaded with pip on first use), each labelled 1 if it contains lesion. It runs at 64x64 for
+3 epochs, on 2 of 5 cross-validation splits and 2 label fractions.
 """
 
 import ml_collections
