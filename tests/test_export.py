@@ -31,8 +31,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Parity tolerance: max abs difference relative to the max abs value of the JAX output.
 TOLERANCE = 1e-5
 
-# Unoptimised XLA code compiles about 4x faster on CPU (measured: 19 s -> 4 s for one case).
-# It runs the same float32 operations, so parity at this level tests the conversion equally.
+# Unoptimised XLA code compiles about 4x faster on CPU (19 s -> 4 s for one case, measured on
+# 2 shared CPU cores). It runs the same float32 operations, so parity at this level tests the
+# conversion equally well.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
