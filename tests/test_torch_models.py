@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from vismae_jax.torch import models, swin
@@ -270,3 +271,15 @@ def test_load_pretrained_shape_mismatch(golden):
 
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_read_state_dict_formats(golden, tmp_path):
+    state = golden_state_dict(golden)
+    torch.save({"model": state}, tmp_path / "weights.pth")
+    safetensors.torch.save_file(state, tmp_path / "weights.safetensors")
+
+    for name in ("weights.pth", "weights.safetensors"):
+        loaded = models.read_state_dict(tmp_path / name)
+        assert sorted(loaded) == sorted(state), name
+        for key, value in state.items():
+            assert torch.equal(loaded[key], value), (name, key)

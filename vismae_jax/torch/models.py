@@ -12,6 +12,7 @@ import pathlib
 import re
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -368,7 +369,7 @@ def missing_key_reason(key: str, checkpoint_keys: set[str]) -> str:
     if block:
         stage = block.group(1)
         depth = len({k.split(".")[3] for k in checkpoint_keys if k.startswith(f"{stage}.blocks.")})
-        return f"stage {stage} has {depth} blocks in the checkpoint, this model has more"
+        return f"the checkpoint's stage {stage} has only {depth} blocks"
     top = key.split(".")[0]
     if not any(k.split(".")[0] == top for k in checkpoint_keys):
         return f"task-specific layer, the checkpoint has no '{top}'"
@@ -386,8 +387,6 @@ def read_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
     """Read a .pth ({"model": state_dict} or a bare state_dict) or .safetensors file on CPU."""
     path = pathlib.Path(path)
     if path.suffix == ".safetensors":
-        import safetensors.torch
-
         return safetensors.torch.load_file(str(path))
     return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
