@@ -78,6 +78,18 @@ def write_deflate_bomb(path: pathlib.Path, inflated_bytes: int) -> None:
         file.write(body)
 
 
+def write_rle_panic(path: pathlib.Path) -> None:
+    """Write an RLE file whose corrupt segment makes pylibjpeg-rle's Rust decoder panic.
+
+    One byte in the pixel data, found by fuzzing MR_small_RLE.dcm, makes the decoder index past
+    a segment; pyo3 raises PanicException, a BaseException, which kills a worker not built for it.
+    """
+    data = bytearray(pathlib.Path(get_testdata_file("MR_small_RLE.dcm")).read_bytes())
+    assert data[6214] == 63
+    data[6214] = 200
+    path.write_bytes(data)
+
+
 def write_bad_dicoms(folder: pathlib.Path) -> dict[str, str]:
     """Write damaged and absurd DICOM files; return {file name: expected reject reason prefix}."""
     expected = {}
@@ -128,6 +140,9 @@ def write_bad_dicoms(folder: pathlib.Path) -> dict[str, str]:
     ds.NumberOfFrames = 10**9
     save(ds, folder / "billion_frames_j2k.dcm")
     expected["billion_frames_j2k.dcm"] = "invalid_header: Number of Frames 1000000000 exceeds"
+
+    write_rle_panic(folder / "rle_panic.dcm")
+    expected["rle_panic.dcm"] = "decode_failed: the decoder panicked (PanicException)"
 
     write_deflate_bomb(folder / "deflate_bomb.dcm", inflated_bytes=1536 << 20)
     expected["deflate_bomb.dcm"] = "too_large: decoding needed more memory"
@@ -285,13 +300,14 @@ def test_hostile_worker_memory_bounded(hostile_run):
     assert "0 replaced after a timeout or crash" in log
 
 
-def decode_path_or_crash(path: str) -> str:
-    """Decode with pydicom as given, without prepare's checks; crash on files named crash*.
+def decode_path(path: str) -> str:
+    """Decode a path with the DICOM decoder alone, without prepare's file checks.
 
-    Returns the number of frames, or the reject reason.
+    Returns the number of frames, or the reject reason. Other exceptions end the worker; a
+    file named segfault* makes it read address 0 in C, so the worker dies of SIGSEGV.
     """
-    if os.path.basename(path).startswith("crash"):
-        ctypes.string_at(0)  # Reads address 0 in C: the process dies of SIGSEGV.
+    if os.path.basename(path).startswith("segfault"):
+        ctypes.string_at(0)
     try:
         return f"{len(dicom.decode_dicom(path, OPTIONS).frames)} frames"
     except RejectedFile as rejected:
@@ -299,28 +315,33 @@ def decode_path_or_crash(path: str) -> str:
 
 
 def test_pool_replaces_hung_and_crashed(tmp_path):
-    # pydicom opens a FIFO and waits for a writer forever: a real input that hangs a decoder.
+    # Real inputs that stop a decoder: pydicom opens a FIFO and waits for a writer forever, and
+    # the corrupt RLE file raises PanicException past the worker's function.
     fifo = tmp_path / "scan.dcm"
     os.mkfifo(fifo)
-    crash = tmp_path / "crash.dcm"
-    shutil.copy(get_testdata_file("MR_small.dcm"), crash)
+    panic = tmp_path / "panic.dcm"
+    write_rle_panic(panic)
+    # No real input is known to crash a decoder in C, so this file simulates one.
+    segfault = tmp_path / "segfault.dcm"
+    shutil.copy(get_testdata_file("MR_small.dcm"), segfault)
     good = get_testdata_file("CT_small.dcm")
-    tasks = [good, str(fifo), good, str(crash), good]
+    tasks = [good, str(fifo), good, str(panic), str(segfault), good]
 
     pool = WorkerPool(
-        decode_path_or_crash,
+        decode_path,
         num_workers=2,
-        timeout_s=4.0,
+        timeout_s=6.0,
         failure=lambda task, reason: reason,
     )
     start = time.monotonic()
     results = list(pool.map(tasks))
     elapsed = time.monotonic() - start
 
-    assert results[0] == results[2] == results[4] == "1 frames"
-    assert results[1] == "timeout: the task took longer than 4 s"
-    assert results[3] == "worker_crashed: the worker died (killed by SIGSEGV)"
-    assert pool.num_replaced == 2
+    assert results[0] == results[2] == results[5] == "1 frames"
+    assert results[1] == "timeout: the task took longer than 6 s"
+    assert results[3] == "worker_crashed: the worker died (exit code 1)"
+    assert results[4] == "worker_crashed: the worker died (killed by SIGSEGV)"
+    assert pool.num_replaced == 3
     assert elapsed < 60
 
 

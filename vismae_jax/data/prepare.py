@@ -206,6 +206,13 @@ def decode_or_reject(source: SourceFile, options: DecodeOptions) -> tuple[Decode
         return None, "too_large: decoding needed more memory than the worker memory limit"
     except Exception as error:  # noqa: BLE001 - one bad file must never stop a corpus run.
         return None, f"decode_failed: unexpected {type(error).__name__} while decoding"
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as error:
+        # Decoders written in Rust (pylibjpeg-rle) turn a panic on a corrupt codestream into
+        # pyo3's PanicException, which derives from BaseException. The panic has unwound, and
+        # these decoders keep no state between calls, so the worker can go on.
+        return None, f"decode_failed: the decoder panicked ({type(error).__name__})"
 
 
 def _failed_decode(source: SourceFile, reason: str) -> tuple[None, str]:
