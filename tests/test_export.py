@@ -335,6 +335,16 @@ def test_export_workdir_files(trained_workdir):
         assert torch.equal(from_safetensors[key], value), key
 
 
+def test_verify_export_rejects_transposed(trained_workdir):
+    _, config, params_by_step = trained_workdir
+    state_dict = convert.flax_to_torch(params_by_step[7], config.model, channels_out=3)
+    key = "layers.2.blocks.0.attn.proj.weight"
+    state_dict[key] = state_dict[key].T.contiguous()
+
+    with pytest.raises(ValueError, match="disagrees"):
+        workdir_lib.verify_export(params_by_step[7], config.model, state_dict, channels_out=3)
+
+
 def test_export_workdir_step(trained_workdir):
     workdir, config, params_by_step = trained_workdir
 
