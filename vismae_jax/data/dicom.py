@@ -9,6 +9,7 @@ import io
 import logging
 import struct
 import warnings
+import zlib
 from typing import BinaryIO
 
 import numpy as np
@@ -72,6 +73,13 @@ def corpus_modality(dicom_modality: str | None) -> str:
     return MODALITY_NAMES.get((dicom_modality or "").strip().upper(), "other")
 
 
+def _error_name(error: BaseException) -> str:
+    """Return the exception's class name, with its module unless built in (zlib.error)."""
+    module = type(error).__module__
+    name = type(error).__name__
+    return name if module == "builtins" else f"{module}.{name}"
+
+
 def _sop_class_name(ds: Dataset) -> str:
     """Return the registered name of the SOP Class UID (from the file meta if need be).
 
@@ -97,10 +105,10 @@ def read_dataset(path: str | BinaryIO) -> Dataset:
         ) from error
     except (
         OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError,
-        OverflowError, NotImplementedError,
+        OverflowError, NotImplementedError, zlib.error,
     ) as error:  # fmt: skip
         raise RejectedFile(
-            "unreadable", f"pydicom could not parse the file ({type(error).__name__})"
+            "unreadable", f"pydicom could not parse the file ({_error_name(error)})"
         ) from error
 
     modality = str(ds.get("Modality", "") or "").strip().upper()
