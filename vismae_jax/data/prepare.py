@@ -506,9 +506,12 @@ def _write_corpus_files(output_dir: str, totals: _Totals, config: dict) -> dict:
     return summary
 
 
-def _preparation_config(sources, options, files_per_shard, compression, rejects_with_paths):
+def _preparation_config(
+    sources, options, files_per_shard, compression, rejects_with_paths, salt
+) -> dict:
     """Return everything that must match for a rerun to resume an existing output."""
-    inputs_digest = hashlib.sha256()
+    # Salted, so that the digest of a one-file corpus cannot confirm a guessed path.
+    inputs_digest = hashlib.sha256(f"{salt}\n".encode())
     for source in sources:
         inputs_digest.update(f"{source.path}\t{source.modality}\n".encode())
     config = {
@@ -553,9 +556,11 @@ def prepare_corpus(
         raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}.")
     sources = sorted(sources)
     os.makedirs(os.path.join(output_dir, SHARD_DIR), exist_ok=True)
-    config = _preparation_config(sources, options, files_per_shard, compression, rejects_with_paths)
-    _check_or_write_config(output_dir, config)
     salt = _load_or_create_salt(output_dir, path_salt)
+    config = _preparation_config(
+        sources, options, files_per_shard, compression, rejects_with_paths, salt
+    )
+    _check_or_write_config(output_dir, config)
 
     shards = [sources[i : i + files_per_shard] for i in range(0, len(sources), files_per_shard)]
     num_finished = _count_finished_shards(output_dir, len(shards))
