@@ -226,6 +226,8 @@ class WorkerPool:
             worker.process.join(timeout=5 if worker.index is None else 0)
             if worker.process.is_alive():
                 worker.process.kill()
-                worker.process.join()
+                # A process stuck in uninterruptible I/O (a hung network file system) outlives
+                # SIGKILL, so do not wait for it forever.
+                worker.process.join(timeout=10)
             worker.connection.close()
         self._workers = []
