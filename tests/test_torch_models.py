@@ -1,5 +1,8 @@
 """Tests of the PyTorch SwinMAE, SwinUNet and SwinClassifier against the public code's tensors."""
 
+import argparse
+import datetime
+
 import numpy as np
 import pytest
 import safetensors.torch
@@ -273,12 +276,22 @@ def test_load_pretrained_shape_mismatch(golden):
         assert torch.equal(value, before[key]), key
 
 
+def test_read_state_dict_rejects_pickles(tmp_path):
+    torch.save({"model": {}, "elapsed": datetime.timedelta(hours=1)}, tmp_path / "odd.pth")
+
+    with pytest.raises(ValueError, match="odd.pth"):
+        models.read_state_dict(tmp_path / "odd.pth")
+
+
 def test_read_state_dict_formats(golden, tmp_path):
     state = golden_state_dict(golden)
     torch.save({"model": state}, tmp_path / "weights.pth")
     safetensors.torch.save_file(state, tmp_path / "weights.safetensors")
+    # The layout of checkpoints written by MAE-style training scripts.
+    training_checkpoint = {"model": state, "epoch": 799, "args": argparse.Namespace(lr=1e-3)}
+    torch.save(training_checkpoint, tmp_path / "checkpoint-799.pth")
 
-    for name in ("weights.pth", "weights.safetensors"):
+    for name in ("weights.pth", "weights.safetensors", "checkpoint-799.pth"):
         loaded = models.read_state_dict(tmp_path / name)
         assert sorted(loaded) == sorted(state), name
         for key, value in state.items():

@@ -5,10 +5,12 @@ Weights exported from vismae-jax load into these modules with `load_state_dict(s
 Images are NCHW float tensors, normalised with the pretraining mean and std.
 """
 
+import argparse
 import collections
 import dataclasses
 import logging
 import pathlib
+import pickle
 import re
 
 import numpy as np
@@ -384,11 +386,24 @@ def unwrap_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: str | pathlib.Path) -> dict[str, torch.Tensor]:
-    """Read a .pth ({"model": state_dict} or a bare state_dict) or .safetensors file on CPU."""
+    """Read a .pth ({"model": state_dict} or a bare state_dict) or .safetensors file on CPU.
+
+    .pth files are unpickled with `weights_only=True`, which also admits the
+    argparse.Namespace that training scripts often store next to the weights.
+    """
     path = pathlib.Path(path)
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(str(path))
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} contains objects other than tensors, so it was not unpickled "
+            f"(weights_only=True): {error}. If you trust the file, re-save only its weights: "
+            "torch.save({'model': checkpoint['model']}, 'weights.pth')."
+        ) from error
+    return unwrap_state_dict(checkpoint)
 
 
 def load_pretrained(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> LoadReport:
