@@ -29,6 +29,7 @@ def _worker_main(connection: Connection, function: Callable, memory_limit_bytes:
     """Receive (index, task), send back (index, function(task), peak RSS in bytes) until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent.
     if memory_limit_bytes:
+        # NOTE: Linux enforces RLIMIT_AS; macOS accepts or rejects it without enforcing it.
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     connection.send((_READY, None, 0))
     while True:
@@ -40,7 +41,7 @@ def _worker_main(connection: Connection, function: Callable, memory_limit_bytes:
             return
         index, task = message
         result = function(task)
-        peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux.
         connection.send((index, result, peak_rss_bytes))
 
 
