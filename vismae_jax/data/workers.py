@@ -29,7 +29,7 @@ def _worker_main(connection: Connection, function: Callable, memory_limit_bytes:
     """Receive (index, task), send back (index, function(task), peak RSS in bytes) until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the parent.
     if memory_limit_bytes:
-        # NOTE: Linux enforces RLIMIT_AS; macOS accepts or rejects it without enforcing it.
+        # NOTE: checked on Linux only; other systems may not enforce RLIMIT_AS.
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     connection.send((_READY, None, 0))
     while True:
