@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = model_config()
 
     config.data = ml_collections.ConfigDict()
-    config.data.corpus_dir = ""  # Folder of prepared ArrayRecord shards and manifest.jsonl.
+    config.data.corpus_dir = ""  # Prepared corpus (ArrayRecord shards); "" = WORKDIR/corpus.
     config.data.modality = "all"  # Modality filter: all, mr, ct, pet, xray or us.
     config.data.num_workers = 8  # Grain worker processes per JAX process (0 = in-process).
     config.data.prefetch_buffer_size = 4  # Batches each Grain worker prepares ahead.
@@ -69,7 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.b2 = 0.95  # AdamW second-moment decay.
     config.train.weight_decay = 0.05  # AdamW decoupled weight decay (not on norms, biases, tables).
     config.train.grad_clip_norm = 0.0  # Clip gradients to this global norm; 0 turns clipping off.
-    config.train.init_from = ""  # Orbax checkpoint or exported .pth to start from; "" = random.
+    config.train.init_from = ""  # Workdir or step folder whose params start the run; "" = random.
+    config.train.max_steps_per_run = -1  # Save and stop after N steps of this call; -1 = no limit.
 
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 50  # Fetch metrics, log a line and write TensorBoard every N steps.
@@ -81,6 +82,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # Data-parallel mesh axis size; -1 takes the remaining devices.
     config.mesh.fsdp = 1  # Parameter-sharding mesh axis size.
+    # Ordered (regex, rule) pairs matched against state paths such as params/layers_0/.../kernel;
+    # the first match wins. Rules: "replicate", or "fsdp" (split the largest dimension that the
+    # fsdp axis divides). Unmatched leaves are replicated, so the default is pure data parallel.
+    config.mesh.param_rules = ((".*", "replicate"),)  # Sharding rules, as described above.
 
     if variant in ("mr", "ct", "pet", "xray", "us"):
         config.data.modality = variant
@@ -99,7 +104,6 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
     Command: python -m vismae_jax.pretrain --config=configs/pretrain.py:demo --workdir=/tmp/demo
     Expected: the masked-patch loss falls clearly over the run.
     """
-    config.data.corpus_dir = "data/demo_corpus"
     config.data.num_workers = 0
     config.train.global_batch_size = 8
     config.train.num_steps = 60
@@ -111,11 +115,18 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
 
 
 def apply_test(config: ml_collections.ConfigDict) -> None:
-    """Tiny model for tests: compiles in seconds on CPU."""
+    """Tiny model (0.4M parameters, 64x64 images) for the tests on simulated CPU devices.
+
+    Command: python -m vismae_jax.pretrain --config=configs/pretrain.py:test --workdir=/tmp/test
+    (with a corpus prepared at --image_size=64 in /tmp/test/corpus). Expected: 6 steps,
+    checkpoints at steps 3 and 6; compiling the step takes longer than running it.
+    """
     model = config.model
     model.image_size = 64
     model.embed_dim = 16
     model.num_heads = (1, 1, 2, 2)
+    model.depths = (1, 1, 1, 1)
+    model.window_size = 8
     model.drop_path_rate = 0.0
     model.dtype = "float32"
     config.data.num_workers = 0

@@ -271,7 +271,8 @@ def test_progress_measures():
     )
     progress.start(step=10)
     progress.add_data_wait(0.5)
-    now[0] = 2.0
+    progress.exclude(3.0)
+    now[0] = 5.0
     measures = progress.report(step=20)
     assert measures["steps_per_sec"] == 5.0
     assert measures["images_per_sec"] == 160.0

@@ -33,7 +33,25 @@ def make_manager(workdir: str | pathlib.Path, keep: int, keep_period: int) -> oc
         create=True,
     )
     directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
-    return ocp.CheckpointManager(directory, options=options)
+    item_handlers = {
+        "state": state_handler(),
+        "meta": ocp.JsonCheckpointHandler(),
+        "data_iter": grain.checkpoint.CheckpointHandler(),
+    }
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
+
+
+def state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Return the handler of the train state: jax.Arrays written without replica-parallel slicing.
+
+    Replica-parallel saving (Orbax's default off GPU) splits each replicated array into one
+    slice per replica with eager slicing ops, which compiles one small XLA program per array
+    shape and slowed a save of a 0.4M-parameter model on 8 CPU devices from under 1 s to about
+    18 s. Writing each shard from its first replica avoids that.
+    """
+    array_handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, array_handler))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def save(
@@ -48,7 +66,7 @@ def save(
     The Grain iterator state is captured before this returns, so the caller may keep drawing
     batches at once.
     """
-    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    items = {"state": ocp.args.PyTreeSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -71,7 +89,11 @@ def restore_latest(
     if step is None:
         return None
 
-    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    items = {
+        "state": ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+        "meta": ocp.args.JsonRestore(),
+    }
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = manager.restore(step, args=ocp.args.Composite(**items))

@@ -20,9 +20,9 @@ def is_due(step: int, every_steps: int, last_step: int) -> bool:
 class Progress:
     """Measures throughput between two reports and the share of time spent waiting for data.
 
-    Call `add_data_wait(seconds)` after each batch is fetched and `report(step)` at logging
-    steps. Time before the first report (compilation, the first batch) counts towards no
-    interval: `start(step)` sets the origin.
+    Call `add_data_wait(seconds)` after each batch is fetched, `exclude(seconds)` after work
+    that is not training (checkpoints, pictures) and `report(step)` at logging steps. Time
+    before `start(step)` (compilation) counts towards no interval.
     """
 
     total_steps: int  # Last step of the run.
@@ -36,16 +36,22 @@ class Progress:
         self._last_step = None
         self._last_time = None
         self._data_wait = 0.0
+        self._excluded = 0.0
 
     def start(self, step: int) -> None:
         """Set the origin of the first interval to `step`, now."""
         self._last_step = step
         self._last_time = self.clock()
         self._data_wait = 0.0
+        self._excluded = 0.0
 
     def add_data_wait(self, seconds: float) -> None:
         """Count `seconds` spent blocked on the input pipeline in the current interval."""
         self._data_wait += seconds
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of the current interval out of the throughput measures."""
+        self._excluded += seconds
 
     def report(self, step: int) -> dict[str, float]:
         """Return throughput measures of the interval that ends at `step`, and start the next one.
@@ -57,7 +63,7 @@ class Progress:
         if self._last_step is None:
             raise RuntimeError("Progress.report called before Progress.start.")
         now = self.clock()
-        seconds = max(now - self._last_time, 1e-9)
+        seconds = max(now - self._last_time - self._excluded, 1e-9)
         steps = step - self._last_step
 
         measures = {"data_wait_share": min(self._data_wait / seconds, 1.0)}
@@ -77,6 +83,7 @@ class Progress:
         self._last_step = step
         self._last_time = now
         self._data_wait = 0.0
+        self._excluded = 0.0
         return measures
 
 

@@ -1,0 +1,55 @@
+"""Pretrain the VIS-MAE Swin masked autoencoder.
+
+  python -m vismae_jax.pretrain --config=configs/pretrain.py:demo --workdir=/tmp/vismae_demo
+
+Rerunning the same command with the same workdir resumes from its newest checkpoint. Override
+config fields with `--config.train.learning_rate=1e-3`; see configs/pretrain.py for the
+variants. On several hosts, start the same command on every host with `--distributed`.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vismae_jax import parallel
+from vismae_jax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and variant: configs/pretrain.py:VARIANT."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for checkpoints, logs and pictures; reruns resume from it."
+)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() first; it reads the coordinator and process ids from "
+    "the cluster environment (SLURM, Open MPI, Kubernetes).",
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    "",
+    "Persistent XLA compilation cache folder (shortens restarts); empty turns it off.",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+    parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
+    if _COMPILATION_CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+
+    summaries = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info(
+        "Finished steps %d to %d; last logged metrics: %s",
+        summaries["start_step"] + 1,
+        summaries["final_step"],
+        summaries["last_scalars"],
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
