@@ -1,5 +1,9 @@
 """Tests of the analytic FLOP counts and the device peak table used for MFU."""
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -165,3 +169,12 @@ def test_xla_cost_ratio():
     compiled = jax.jit(forward).lower(params, images, mask).compile()
     xla_flops_per_image = compiled.cost_analysis()["flops"] / 2
     assert 0.80 <= flops.mae_forward_flops(config) / xla_flops_per_image <= 1.0
+
+
+def test_benchmark_help():
+    # The benchmark script is never run by tests; this checks that it imports and lists its flags.
+    script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "benchmark.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--helpshort"], capture_output=True, text=True, timeout=60
+    )
+    assert "--json" in result.stdout
