@@ -107,101 +107,27 @@ def pretrain_config(image_size: int, dtype: str, remat: bool = False):
 # --------------------------------------------------------------------------------------------
 # JAX train step
 
-
-def _trainer_step(model, tx, config):
-    """Return the trainer's (step function, state builder), or None where it is not present."""
-    try:
-        from vismae_jax.train import state as state_lib
-        from vismae_jax.train import step as step_lib
-    except ImportError:
-        return None
-    schedule = lambda count: config.train.learning_rate  # noqa: E731
-    train_step = step_lib.make_train_step(model, tx, schedule, config)
-
-    def init_state(params):
-        return state_lib.TrainState(step=_zero_step(), params=params, opt_state=tx.init(params))
-
-    return train_step, init_state
-
-
-def _zero_step():
-    import jax.numpy as jnp
-
-    return jnp.zeros((), jnp.int32)
-
-
-def _minimal_step(model, tx, config):
-    """Build a stand-in for the trainer's step: normalise, flip, mask, loss, AdamW."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from vismae_jax import masking
-    from vismae_jax.models import mae
-
-    model_config, data_config = config.model, config.data
-
-    def train_step(state, batch):
-        step, params, opt_state = state
-        key = jax.random.fold_in(jax.random.key(config.seed), step)
-        flip_key, mask_key, drop_key = jax.random.split(key, 3)
-
-        images = (batch["image"].astype(jnp.float32) / 255 - data_config.pixel_mean) / (
-            data_config.pixel_std
-        )
-        flip = jax.random.bernoulli(flip_key, data_config.flip_probability, (images.shape[0],))
-        images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        mask = masking.window_mask(
-            mask_key,
-            images.shape[0],
-            model_config.image_size,
-            model_config.patch_size,
-            model_config.mask_unit,
-            model_config.mask_ratio,
-        )
-        target = mae.patchify(images, model_config.patch_size)
-
-        def loss_fn(params):
-            rngs = {"drop_path": drop_key}
-            pred = model.apply({"params": params}, images, mask, deterministic=False, rngs=rngs)
-            return mae.reconstruction_loss(pred, target, mask, model_config.norm_pix_loss)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return (step + 1, params, opt_state), {"loss": loss}
-
-    def init_state(params):
-        return (_zero_step(), params, tx.init(params))
-
-    return train_step, init_state
+JAX_STEP = "vismae_jax.train.step.make_train_step"
 
 
 class JaxTrainStep:
-    """The JAX pretraining step, compiled ahead of time, on one device-resident uint8 batch."""
+    """The trainer's step (`JAX_STEP`), compiled ahead of time, on a device-resident uint8 batch."""
 
     def __init__(self, config, batch_size: int, seed: int = 0):
         import jax
+        import jax.numpy as jnp
         import numpy as np
         import optax
 
         from vismae_jax.models import mae
+        from vismae_jax.train import optim
+        from vismae_jax.train import state as state_lib
+        from vismae_jax.train import step as step_lib
 
         model = mae.SwinMAE.from_config(config.model)
-        train = config.train
-        tx = optax.adamw(
-            train.learning_rate, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay
-        )
-        try:
-            from vismae_jax.train import optim
-
-            tx = optim.make_optimizer(train, lambda count: train.learning_rate)
-        except ImportError:
-            pass
-
-        found = _trainer_step(model, tx, config)
-        self.source = "vismae_jax.train.step.make_train_step" if found else "benchmark minimal step"
-        train_step, init_state = found or _minimal_step(model, tx, config)
+        schedule = optax.constant_schedule(config.train.learning_rate)
+        tx = optim.make_optimizer(config.train, schedule)
+        train_step = step_lib.make_train_step(model, tx, schedule, config)
 
         side, channels = config.model.image_size, config.model.channels
         tokens = (side // config.model.patch_size) ** 2
@@ -210,7 +136,9 @@ class JaxTrainStep:
         params = jax.jit(lambda key: model.init(key, init_images, init_mask)["params"])(
             jax.random.key(seed)
         )
-        self.state = init_state(params)
+        self.state = state_lib.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+        )
 
         pixels = np.random.default_rng(seed).integers(0, 256, (batch_size, side, side, channels))
         self.batch = {"image": jax.device_put(pixels.astype(np.uint8))}
@@ -341,7 +269,7 @@ def bench_train(threads: list[int]) -> dict[str, Any]:
         "repeats": REPEATS.value,
         "jax_seconds": seconds["jax"],
         "torch_seconds": seconds["torch"],
-        "jax_step": jax_step.source,
+        "jax_step": JAX_STEP,
         "jax_compile_seconds": jax_step.compile_seconds,
         "jax_device_kind": jax.devices()[0].device_kind,
     }
@@ -572,13 +500,13 @@ def bench_gpu(corpus_dir: pathlib.Path | None) -> dict[str, Any]:
                 "step_ms": 1e3 * statistics.median(seconds) / GPU_STEPS.value,
                 "compile_s": step.compile_seconds,
                 "temp_gib": memory.temp_size_in_bytes / GIB if memory else None,
-                "jax_step": step.source,
             }
         )
         best = (batch, step)
 
     results: dict[str, Any] = {
         "device_kind": device.device_kind,
+        "jax_step": JAX_STEP,
         "peak_flops": peak,
         "train_flops_per_image": flops_per_image,
         "synthetic": rows,
@@ -722,7 +650,7 @@ def main(argv: list[str]) -> None:
                 results["gpu"] = bench_gpu(corpus_dir if "pipeline" in parts else None)
         else:
             if "train" in parts:
-                print("Train step: JAX against PyTorch ...", flush=True)
+                print(f"Train step: JAX ({JAX_STEP}) against the PyTorch twin ...", flush=True)
                 results["train_step"] = bench_train(threads)
             if "pipeline" in parts:
                 print("Grain pipeline ...", flush=True)
