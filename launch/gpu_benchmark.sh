@@ -75,10 +75,11 @@ fi
 
 PARTS=train
 if "$PYTHON" -c "import grain, array_record" 2>/dev/null; then
-  if [[ -n "$CORPUS_DIR" ]] || "$PYTHON" -c "import pydicom, pydicom_data" 2>/dev/null; then
+  if [[ -n "$CORPUS_DIR" ]] || "$PYTHON" -c "from vismae_jax.data import demo, prepare
+demo.demo_paths()" 2>/dev/null; then
     PARTS=train,pipeline
   else
-    log "No CORPUS_DIR and no pydicom: the pipeline part is skipped."
+    log "No CORPUS_DIR, and the demo corpus cannot be prepared here: the pipeline part is skipped."
   fi
 else
   log "grain or array_record missing: the pipeline part is skipped (carry them in WHEELS)."
