@@ -611,19 +611,24 @@ def _gpu_rows(gpu: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """Return the results as aligned text rows: measure, ours, compared with, ratio."""
-    rows = [("measure", "vismae-jax", "compared with", "ratio")]
-    rows += _cpu_rows(results)
-    if "gpu" in results:
-        rows += _gpu_rows(results["gpu"])
-
+def _align(rows: list[tuple[str, str, str, str]]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         for row in rows
     ]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Return the results as aligned text tables, one for the CPU suite, one for the GPU suite."""
+    tables = []
+    if cpu_rows := _cpu_rows(results):
+        tables.append(_align([("measure", "vismae-jax", "compared with", "ratio"), *cpu_rows]))
+    if "gpu" in results:
+        header = ("measure", "images/s", "TFLOP/s or feed", "MFU")
+        tables.append(_align([header, *_gpu_rows(results["gpu"])]))
+    return "\n\n".join(tables)
 
 
 def main(argv: list[str]) -> None:

@@ -19,6 +19,10 @@
 #   WORKERS       Grain worker processes for the pipeline part (default 8)
 #   REMAT         1 to recompute block activations in the backward pass (default 0)
 #   TIME_LIMIT_S  hard limit of the Python run in seconds (default 450)
+#   REQUIRE_GPU   0 to run on whatever backend JAX finds, for a dry run on a CPU (default 1)
+#   EXTRA_ARGS    more benchmark.py flags, last so they win; a CPU dry run of the script:
+#                 REQUIRE_GPU=0 EXTRA_ARGS="--resolution=64 --gpu_steps=1 --repeats=1" \
+#                 BATCH_SIZES=2 WORKERS=1 PYTHON=.venv/bin/python launch/gpu_benchmark.sh FILE
 #
 # The script installs nothing from the network. On a machine without the project's pinned
 # stack, install it first with: pip install -r requirements.txt "jax[cuda12]==0.10.2"
@@ -36,6 +40,8 @@ BATCH_SIZES=${BATCH_SIZES:-128,256,512}
 WORKERS=${WORKERS:-8}
 REMAT=${REMAT:-0}
 TIME_LIMIT_S=${TIME_LIMIT_S:-450}
+REQUIRE_GPU=${REQUIRE_GPU:-1}
+read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
 
 cd "$(dirname "$0")/.."
 mkdir -p "$(dirname "$TABLE_FILE")"
@@ -62,11 +68,13 @@ fi
 
 # 3. What can run here: the train step needs a GPU backend and ml_collections; the pipeline
 #    part needs grain, and preparing the demo corpus needs pydicom.
-if ! "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG_FILE"
+if ! REQUIRE_GPU=$REQUIRE_GPU "$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG_FILE"
+import os
 import jax, flax, optax, ml_collections
 print(f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}, "
       f"backend {jax.default_backend()}, devices {jax.devices()}")
-assert jax.default_backend() == "gpu", "JAX found no GPU: install a CUDA jaxlib (see above)."
+if os.environ["REQUIRE_GPU"] == "1":
+    assert jax.default_backend() == "gpu", "JAX found no GPU: install a CUDA jaxlib (see above)."
 EOF
 then
   log "The train step cannot run here (see the error above)."
@@ -106,7 +114,8 @@ timeout "$TIME_LIMIT_S" "$PYTHON" launch/benchmark.py \
   "$REMAT_FLAG" \
   "${CORPUS_FLAG[@]}" \
   --json="$TABLE_FILE.json" \
-  --table="$TABLE_FILE" 2>&1 | tee -a "$LOG_FILE"
+  --table="$TABLE_FILE" \
+  "${EXTRA[@]}" 2>&1 | tee -a "$LOG_FILE"
 status=${PIPESTATUS[0]}
 set -e
 
