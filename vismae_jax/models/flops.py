@@ -286,6 +286,9 @@ def traced_matmul_flops(function: Any, *args: Any) -> int:
     rematerialised and custom-derivative calls and scan bodies (times their length), so it checks
     the analytic counts against what a model really computes. Arguments may be arrays or
     `jax.ShapeDtypeStruct`s; nothing is compiled or run.
+
+    NOTE: every branch of a `cond` is counted and a `while` body once, so programs with data-
+    dependent control flow get an upper or lower bound; the Swin MAE has none.
     """
     import jax  # Imported here so that the analytic counts above need no JAX.
 
