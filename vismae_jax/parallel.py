@@ -6,6 +6,7 @@ slice of the batch). The batch is therefore sharded over both axes; parameters f
 ordered list of (regex, rule) pairs from the config.
 """
 
+import collections
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,16 +22,53 @@ BATCH_AXES = ("data", "fsdp")
 RULES = ("replicate", "fsdp")
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-    """Call `jax.distributed.initialize()` once when `enabled`.
+def maybe_initialize_distributed(
+    enabled: bool,
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    initialization_timeout_seconds: int = 300,
+) -> None:
+    """Call `jax.distributed.initialize` once, when `enabled` or when any setting is given.
 
-    With no arguments JAX reads the coordinator address, process count and process id from the
-    cluster environment (SLURM, Open MPI, Kubernetes JobSet, Cloud TPU). Call it before any
-    other JAX function touches the devices.
+    coordinator_address: `host:port` of process 0's coordinator; num_processes: number of JAX
+    processes; process_id: this process's index in [0, num_processes). Settings left empty (""
+    / 0 / -1) are read from the cluster environment by JAX (SLURM, Open MPI, Kubernetes
+    JobSet, Cloud TPU), or from JAX_COORDINATOR_ADDRESS. Call it before any other JAX function
+    touches the devices.
+
+    Raises:
+        ValueError: process_id is outside [0, num_processes), or the initialised runtime has
+            another process count than `num_processes`.
     """
-    if not enabled:
+    given = bool(coordinator_address) or num_processes > 0 or process_id >= 0
+    if not (enabled or given):
         return
-    jax.distributed.initialize()
+    if process_id < -1 or (num_processes > 0 and process_id >= num_processes):
+        raise ValueError(
+            f"Invalid process id {process_id} for {num_processes} processes; give each process "
+            "a distinct id from 0 to num_processes - 1, or -1 to read it from the cluster "
+            "environment."
+        )
+
+    logging.info(
+        "Initialising jax.distributed (coordinator %s, %s processes, process id %s; unset "
+        "values come from the cluster environment).",
+        coordinator_address or "auto",
+        num_processes if num_processes > 0 else "auto",
+        process_id if process_id >= 0 else "auto",
+    )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address or None,
+        num_processes=num_processes if num_processes > 0 else None,
+        process_id=process_id if process_id >= 0 else None,
+        initialization_timeout=initialization_timeout_seconds,
+    )
+    if num_processes > 0 and jax.process_count() != num_processes:
+        raise ValueError(
+            f"Requested {num_processes} processes but the cluster has {jax.process_count()}; "
+            "start one process per host (or per GPU) and pass the same --num_processes to all."
+        )
     logging.info(
         "Initialised jax.distributed: process %d of %d, %d local of %d global devices.",
         jax.process_index(),
@@ -164,13 +202,37 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """Return the per-process batch size, checking it splits evenly over processes and devices."""
+def check_batch_size(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> int:
+    """Return the per-process batch size after checking that the batch splits evenly.
+
+    The global batch is split over the mesh devices, and each micro-batch of gradient
+    accumulation must be split over them too. Every process must hold the same number of mesh
+    devices, because each process reads an equal share of the global batch.
+
+    Raises:
+        ValueError: the global batch size is not divisible by devices x grad_accum_steps, or
+            the processes hold unequal numbers of mesh devices.
+    """
     num_devices = mesh.devices.size
-    if global_batch_size % num_devices:
+    if grad_accum_steps < 1:
         raise ValueError(
-            f"Global batch size {global_batch_size} is not divisible by the {num_devices} devices "
-            "of the mesh; change config.train.global_batch_size."
+            f"config.train.grad_accum_steps must be at least 1, got {grad_accum_steps}."
+        )
+    if global_batch_size % (num_devices * grad_accum_steps):
+        raise ValueError(
+            f"Global batch size {global_batch_size} is not divisible by the {num_devices} "
+            f"devices of the mesh x {grad_accum_steps} gradient-accumulation micro-batches; "
+            "change config.train.global_batch_size or config.train.grad_accum_steps."
+        )
+
+    devices_per_process = collections.Counter(device.process_index for device in mesh.devices.flat)
+    if len(set(devices_per_process.values())) > 1 or len(devices_per_process) != (
+        jax.process_count()
+    ):
+        raise ValueError(
+            f"The mesh devices are spread unevenly over the {jax.process_count()} processes "
+            f"(mesh devices per process index: {dict(sorted(devices_per_process.items()))}); "
+            "start every process with the same number of local devices."
         )
     return global_batch_size // jax.process_count()
 
