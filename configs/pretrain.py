@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.global_batch_size = 5120  # Images per optimiser step over all devices.
+    config.train.grad_accum_steps = 1  # Micro-batches per step, run in turn; one weighted update.
     config.train.num_epochs = 800.0  # Passes over the corpus; sets the schedule length.
     config.train.num_steps = -1  # If > 0, train exactly this many steps (overrides num_epochs).
     config.train.warmup_epochs = 10.0  # Linear learning-rate warmup, in epochs.
