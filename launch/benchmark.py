@@ -482,13 +482,15 @@ def bench_gpu(corpus_dir: pathlib.Path | None) -> dict[str, Any]:
         if TIME_BUDGET.value and time.perf_counter() - start_all > TIME_BUDGET.value:
             rows.append({"batch": batch, "skipped": "time budget spent"})
             continue
+        # Out of memory can surface at compile time or at the first run: either ends the sweep
+        # with the sizes measured so far, not the whole benchmark.
         try:
             step = JaxTrainStep(config, batch)
-        except Exception as error:  # noqa: BLE001 - out of memory ends the sweep, not the run.
+            step.run(2)
+            seconds = [_timed(step.run, GPU_STEPS.value) for _ in range(REPEATS.value)]
+        except Exception as error:  # noqa: BLE001
             rows.append({"batch": batch, "skipped": f"{type(error).__name__}: {error}"[:200]})
             break
-        step.run(2)
-        seconds = [_timed(step.run, GPU_STEPS.value) for _ in range(REPEATS.value)]
         rate = median_rate(batch * GPU_STEPS.value, seconds)
         memory = step.memory
         rows.append(
