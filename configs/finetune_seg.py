@@ -17,7 +17,7 @@ which leaves 8 blocks without pretrained weights; the default (2, 2, 2, 2) initi
 block from the MAE (set model.depths=(2,2,6,2) for the public layout).
 
 `demo` fine-tunes the full-size model on the 27 lesion slices of the pyradiomics demo volumes
-(downloaded with pip on first use) at 96x96 for 5 epochs, on 2 of 5 cross-validation splits and
+(downloaded with pip on first use) at 96x96 for 3 epochs, on 2 of 5 cross-validation splits and
 2 label fractions.
 """
 
@@ -122,16 +122,16 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
       python -m vismae_jax.finetune --config=configs/finetune_seg.py:demo \
         --workdir=/tmp/seg_demo
     Expected: results.csv, label_efficiency_{dice,precision,recall}.png and overlays/ in the
-    workdir. Five epochs on about 16 training slices are far from converged: the numbers show
+    workdir. Three epochs on about 16 training slices are far from converged: the numbers show
     that the pipeline runs, not what the model can reach.
     """
     config.data.demo = True
     config.data.image_size = 96
     config.data.empty_slice_margin = 0
     config.data.num_workers = 0
-    config.train.batch_size = 4
+    config.train.batch_size = 8
     config.train.eval_batch_size = 16
-    config.train.num_epochs = 5
+    config.train.num_epochs = 3
     config.train.warmup_epochs = 1.0
     config.protocol.label_fractions = (0.25, 1.0)
     config.protocol.splits_to_run = (0, 1)
