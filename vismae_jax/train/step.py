@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from vismae_jax import masking
 from vismae_jax.models import mae
@@ -61,6 +61,53 @@ def make_mask(
     )
 
 
+def split_micro_batches(x: jax.Array, num_micro_batches: int) -> jax.Array:
+    """Split [B, ...] into [k, B / k, ...]: micro-batch i contains rows i, i + k, i + 2k, ...
+
+    Taking every k-th row keeps each micro-batch spread over all devices of a batch-sharded
+    array (each device's contiguous block of rows contains B / (k x devices) rows of every
+    micro-batch), so the split needs no communication.
+    """
+    return x.reshape(x.shape[0] // num_micro_batches, num_micro_batches, *x.shape[1:]).swapaxes(
+        0, 1
+    )
+
+
+def accumulate_value_and_grad(
+    loss_fn: Callable[..., jax.Array],
+    params: Any,
+    inputs: tuple[jax.Array, jax.Array, jax.Array],
+    drop_key: jax.Array,
+    num_micro_batches: int,
+    constrain: Callable[[jax.Array], jax.Array],
+) -> tuple[jax.Array, Any]:
+    """Return the loss and gradients of a whole batch, computed micro-batch by micro-batch.
+
+    loss_fn(params, images, mask, target, drop_key) -> mean loss over the masked tokens of its
+    inputs; inputs: (images [B, H, W, C] float, mask [B, L] bool, target [B, L, P] float) of
+    the whole batch, already flipped and masked, so every micro-batch gets exactly the rows of
+    the full batch. Each micro-batch's loss and gradient are weighted by its share of the
+    batch's masked tokens, which makes the weighted sums equal the full-batch mean loss and its
+    gradient. A `lax.scan` runs the micro-batches one after another, so only one micro-batch's
+    activations are alive at a time. Drop-path draws its own key per micro-batch.
+    """
+    images, mask, target = (constrain(split_micro_batches(x, num_micro_batches)) for x in inputs)
+    masked_tokens = jnp.sum(mask, axis=(1, 2), dtype=jnp.float32)
+    weights = masked_tokens / jnp.maximum(jnp.sum(masked_tokens), 1.0)
+    drop_keys = jax.random.split(drop_key, num_micro_batches)
+
+    def accumulate(carry, micro_batch):
+        loss_sum, grad_sum = carry
+        images_i, mask_i, target_i, weight, key = micro_batch
+        loss, grads = jax.value_and_grad(loss_fn)(params, images_i, mask_i, target_i, key)
+        grad_sum = jax.tree.map(lambda total, grad: total + weight * grad, grad_sum, grads)
+        return (loss_sum + weight * loss, grad_sum), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(accumulate, zeros, (images, mask, target, weights, drop_keys))
+    return loss, grads
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -75,14 +122,36 @@ def make_train_step(
     seed and the step number, not on the device count or a resume. metrics: float32 scalars
     loss (MSE over masked patches), learning_rate (of this update), grad_norm and param_norm
     (global L2 norms, the latter after the update).
+
+    With config.train.grad_accum_steps = k > 1 the batch is split into k micro-batches whose
+    weighted gradients are summed before one optimiser update (`accumulate_value_and_grad`);
+    flips and masks are still drawn for the whole batch, so the step computes the same loss and
+    gradient as with k = 1, up to float rounding (and drop-path draws).
     """
     model_config = config.model
     data_config = config.data
+    num_micro_batches = int(config.train.grad_accum_steps)
 
     def constrain(x):
         if batch_sharding is None:
             return x
         return jax.lax.with_sharding_constraint(x, batch_sharding)
+
+    def constrain_micro_batches(x):
+        if batch_sharding is None:
+            return x
+        spec = PartitionSpec(None, *batch_sharding.spec)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, spec))
+
+    def loss_fn(params, images, mask, target, drop_key):
+        pred = model.apply(
+            {"params": params},
+            images,
+            mask,
+            deterministic=False,
+            rngs={"drop_path": drop_key},
+        )
+        return mae.reconstruction_loss(pred, target, mask, model_config.norm_pix_loss)
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(stream_key(config.seed, STEP_STREAM), state.step)
@@ -93,17 +162,18 @@ def make_train_step(
         mask = constrain(make_mask(mask_key, images.shape[0], model_config))
         target = mae.patchify(images, model_config.patch_size)
 
-        def loss_fn(params):
-            pred = model.apply(
-                {"params": params},
-                images,
-                mask,
-                deterministic=False,
-                rngs={"drop_path": drop_key},
+        if num_micro_batches == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, images, mask, target, drop_key)
+        else:
+            check_micro_batches(images.shape[0], num_micro_batches)
+            loss, grads = accumulate_value_and_grad(
+                loss_fn,
+                state.params,
+                (images, mask, target),
+                drop_key,
+                num_micro_batches,
+                constrain_micro_batches,
             )
-            return mae.reconstruction_loss(pred, target, mask, model_config.norm_pix_loss)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -117,6 +187,16 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def check_micro_batches(batch_size: int, num_micro_batches: int) -> None:
+    """Raise ValueError unless the batch splits into `num_micro_batches` equal micro-batches."""
+    if num_micro_batches < 1 or batch_size % num_micro_batches:
+        raise ValueError(
+            f"A batch of {batch_size} images does not split into {num_micro_batches} equal "
+            "micro-batches; make config.train.global_batch_size a multiple of "
+            "config.train.grad_accum_steps x the number of devices."
+        )
 
 
 def compile_train_step(
