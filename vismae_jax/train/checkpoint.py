@@ -12,9 +12,11 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
 
 
 def make_manager(workdir: str | pathlib.Path, keep: int, keep_period: int) -> ocp.CheckpointManager:
@@ -78,17 +80,64 @@ def restore_latest(
     abstract_state: Any,
     data_iter: grain.DatasetIterator | None,
 ) -> tuple[Any, dict[str, Any]] | None:
-    """Restore the newest checkpoint into the shapes and shardings of `abstract_state`.
+    """Restore the newest readable checkpoint into the shapes and shardings of `abstract_state`.
 
     abstract_state: pytree of `jax.ShapeDtypeStruct` with `sharding` set, so a checkpoint
     written on another mesh or device count is resharded on load. `data_iter` (if given) is
     moved in place to the saved position. Returns (state, meta), or None when there is no
     checkpoint yet.
+
+    A checkpoint that fails to restore (a file missing, truncated or unparsable) is skipped
+    with a warning, and the next older one is tried. The skipped ones are moved to
+    `workdir/corrupt_checkpoints/`, so the run can save those steps again.
+
+    Raises:
+        RuntimeError: no checkpoint could be restored; the message lists each step's error.
     """
-    step = manager.latest_step()
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         return None
 
+    errors: dict[int, Exception] = {}
+    for step in steps:
+        try:
+            state, meta = restore_step(manager, step, abstract_state, data_iter)
+        # Damaged files surface as OSError, ValueError, KeyError or TensorStore's plain
+        # Exception, depending on which file is damaged and how.
+        except Exception as error:  # noqa: BLE001
+            errors[step] = error
+            logging.warning(
+                "Checkpoint for step %d in %s is incomplete or corrupt (%s: %s).",
+                step, manager.directory, type(error).__name__, first_line(error),
+            )  # fmt: skip
+            continue
+        if errors:
+            set_aside(manager, sorted(errors))
+            logging.warning(
+                "Resumed from checkpoint step %d instead of the newest, step %d, which could not "
+                "be restored; the unreadable checkpoints (steps %s) were moved to %s.",
+                step, steps[0], sorted(errors), corrupt_dir(manager),
+            )  # fmt: skip
+        return state, meta
+
+    details = "; ".join(
+        f"step {step}: {type(error).__name__}: {first_line(error)}"
+        for step, error in errors.items()
+    )
+    raise RuntimeError(
+        f"No checkpoint in {manager.directory} could be restored ({details}). If the config "
+        "changed since they were written (model size, optimiser), restore the old config or use "
+        "a new --workdir; otherwise move the damaged step folders away and rerun."
+    ) from errors[steps[0]]
+
+
+def restore_step(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: Any,
+    data_iter: grain.DatasetIterator | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Restore checkpoint `step` (see `restore_latest`); raises whatever Orbax raises."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
     items = {
         "state": ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
@@ -99,6 +148,38 @@ def restore_latest(
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored checkpoint for step %d from %s.", step, manager.directory)
     return restored["state"], dict(restored["meta"])
+
+
+def first_line(error: BaseException) -> str:
+    """Return the first line of an exception's message, cut to 300 characters."""
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def corrupt_dir(manager: ocp.CheckpointManager) -> pathlib.Path:
+    """Return the folder that unreadable checkpoints are moved to: workdir/corrupt_checkpoints."""
+    return pathlib.Path(manager.directory).parent / CORRUPT_DIR
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move the step folders `steps` out of the manager's directory and reload its step list.
+
+    Process 0 moves the folders; every process waits for it before reloading.
+    """
+    if jax.process_index() == 0:
+        target_dir = corrupt_dir(manager)
+        target_dir.mkdir(exist_ok=True)
+        for step in steps:
+            source = pathlib.Path(manager.directory) / str(step)
+            target = target_dir / str(step)
+            suffix = 1
+            while target.exists():
+                target = target_dir / f"{step}.{suffix}"
+                suffix += 1
+            source.rename(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("vismae_set_aside_corrupt_checkpoints")
+    manager.reload()
 
 
 def resolve_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
