@@ -196,10 +196,9 @@ def run_cli(*args: str) -> tuple[str, int]:
     """
     script = (
         "import resource, sys\n"
-        "from absl import app\n"
         "from vismae_jax.data import prepare\n"
         "try:\n"
-        "    app.run(prepare.main, argv=sys.argv)\n"
+        "    prepare.run_cli(sys.argv)\n"
         "except SystemExit as exit:\n"
         "    assert not exit.code, exit.code\n"
         "print('MAXRSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"

@@ -61,6 +61,8 @@ from vismae_jax.data.images import (
 )
 from vismae_jax.data.workers import WorkerPool
 
+FLAGS = flags.FLAGS
+
 SHARD_DIR = "shards"
 CONFIG_FILE = "prepare_config.json"
 SALT_FILE = "path_salt.txt"
@@ -604,61 +606,66 @@ def prepare_corpus(
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-_INPUT = flags.DEFINE_list("input", [], "Folders or files, each optionally DIR:MODALITY.")
-_FILE_LIST = flags.DEFINE_string("file_list", None, "Text file: one path per line [TAB modality].")
-_DEMO = flags.DEFINE_bool("demo", False, "Prepare the demo corpus from pydicom/pydicom-data.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for shards and manifests.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the stored square images, pixels.")
-_KEEP_COLOUR = flags.DEFINE_bool("keep_colour", False, "Store RGB (3 channels) instead of gray.")
-_LETTERBOX = flags.DEFINE_bool("letterbox", False, "Keep aspect ratio and pad instead of stretch.")
-_CT_WINDOW = flags.DEFINE_list(
-    "ct_window", ["40", "400"], "CENTER,WIDTH in HU for CT without a window."
-)
-_PERCENTILES = flags.DEFINE_list(
-    "percentiles", ["0.5", "99.5"], "LOW,HIGH percentiles mapped to [0, 1] when there is no window."
-)
-_MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "Evenly spaced frames per file; 0 = all.")
-_MAX_PIXELS = flags.DEFINE_integer(
-    "max_pixels", DecodeOptions.max_pixels, "Largest frame accepted, rows x columns, in pixels."
-)
-_FILES_PER_SHARD = flags.DEFINE_integer("files_per_shard", 1024, "Input files per output shard.")
-_NUM_WORKERS = flags.DEFINE_integer(
-    "num_workers", os.cpu_count() or 1, "Decoding processes; 0 decodes in this process."
-)
-_FILE_TIMEOUT_S = flags.DEFINE_float(
-    "file_timeout_s", FILE_TIMEOUT_S, "Time limit per file, seconds."
-)
-_WORKER_MEMORY_MIB = flags.DEFINE_integer(
-    "worker_memory_mib",
-    WORKER_MEMORY_MIB,
-    "Address-space limit of each decoding process, MiB; 0 = no limit.",
-)
-_COMPRESSION = flags.DEFINE_string(
-    "compression", "uncompressed", "ArrayRecord compression: uncompressed, zstd:LEVEL, snappy."
-)
-_PATH_SALT = flags.DEFINE_string(
-    "path_salt", None, "Salt of source_hash; default: random (with --demo: 'demo'), stored."
-)
-_REJECTS_WITH_PATHS = flags.DEFINE_bool(
-    "rejects_with_paths",
-    False,
-    "Also write each rejected file's path, relative to its input folder, to rejects.jsonl. "
-    "Folder and file names often contain patient names or IDs.",
-)
-_LOOKUP_HASH = flags.DEFINE_list(
-    "lookup_hash",
-    [],
-    "Print the input paths of these source_hash values (from manifest.jsonl or rejects.jsonl) "
-    "and exit. Needs the same --input or --file_list as the run and its --output_dir.",
-)
+
+def define_flags() -> None:
+    """Define the command-line flags of `python -m vismae_jax.data.prepare` in absl's FLAGS.
+
+    Importing this module defines no flags, so programs that import it keep their own
+    `--image_size` and the like. `run_cli` calls this before parsing.
+    """
+    flags.DEFINE_list("input", [], "Folders or files, each optionally DIR:MODALITY.")
+    flags.DEFINE_string("file_list", None, "Text file: one path per line [TAB modality].")
+    flags.DEFINE_bool("demo", False, "Prepare the demo corpus from pydicom/pydicom-data.")
+    flags.DEFINE_string("output_dir", None, "Folder for shards and manifests.")
+    flags.DEFINE_integer("image_size", 224, "Side of the stored square images, pixels.")
+    flags.DEFINE_bool("keep_colour", False, "Store RGB (3 channels) instead of gray.")
+    flags.DEFINE_bool("letterbox", False, "Keep aspect ratio and pad instead of stretch.")
+    flags.DEFINE_list("ct_window", ["40", "400"], "CENTER,WIDTH in HU for CT without a window.")
+    flags.DEFINE_list(
+        "percentiles",
+        ["0.5", "99.5"],
+        "LOW,HIGH percentiles mapped to [0, 1] when there is no window.",
+    )
+    flags.DEFINE_integer("max_frames", 0, "Evenly spaced frames per file; 0 = all.")
+    flags.DEFINE_integer(
+        "max_pixels", DecodeOptions.max_pixels, "Largest frame accepted, rows x columns, in pixels."
+    )
+    flags.DEFINE_integer("files_per_shard", 1024, "Input files per output shard.")
+    flags.DEFINE_integer(
+        "num_workers", os.cpu_count() or 1, "Decoding processes; 0 decodes in this process."
+    )
+    flags.DEFINE_float("file_timeout_s", FILE_TIMEOUT_S, "Time limit per file, seconds.")
+    flags.DEFINE_integer(
+        "worker_memory_mib",
+        WORKER_MEMORY_MIB,
+        "Address-space limit of each decoding process, MiB; 0 = no limit.",
+    )
+    flags.DEFINE_string(
+        "compression", "uncompressed", "ArrayRecord compression: uncompressed, zstd:LEVEL, snappy."
+    )
+    flags.DEFINE_string(
+        "path_salt", None, "Salt of source_hash; default: random (with --demo: 'demo'), stored."
+    )
+    flags.DEFINE_bool(
+        "rejects_with_paths",
+        False,
+        "Also write each rejected file's path, relative to its input folder, to rejects.jsonl. "
+        "Folder and file names often contain patient names or IDs.",
+    )
+    flags.DEFINE_list(
+        "lookup_hash",
+        [],
+        "Print the input paths of these source_hash values (from manifest.jsonl or rejects.jsonl) "
+        "and exit. Needs the same --input or --file_list as the run and its --output_dir.",
+    )
 
 
 def _list_sources(path_salt: str | None) -> tuple[list[SourceFile], str | None]:
     """Return the sources named on the command line and the salt to use for them."""
-    if _DEMO.value:
+    if FLAGS.demo:
         # Public files: a fixed salt keeps reruns identical.
         return [SourceFile(path) for path in demo.demo_paths()], path_salt or "demo"
-    return list_input_files(_INPUT.value, _FILE_LIST.value), path_salt
+    return list_input_files(FLAGS.input, FLAGS.file_list), path_salt
 
 
 def _lookup(sources: Sequence[SourceFile], output_dir: str, hashes: Sequence[str]) -> None:
@@ -682,38 +689,44 @@ def _lookup(sources: Sequence[SourceFile], output_dir: str, hashes: Sequence[str
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _OUTPUT_DIR.value:
+    if not FLAGS.output_dir:
         raise app.UsageError("--output_dir is required.")
-    sources, path_salt = _list_sources(_PATH_SALT.value)
+    sources, path_salt = _list_sources(FLAGS.path_salt)
     if not sources:
         raise app.UsageError("No input files: pass --input, --file_list or --demo.")
-    if _LOOKUP_HASH.value:
-        _lookup(sources, _OUTPUT_DIR.value, _LOOKUP_HASH.value)
+    if FLAGS.lookup_hash:
+        _lookup(sources, FLAGS.output_dir, FLAGS.lookup_hash)
         return
 
     options = DecodeOptions(
-        image_size=_IMAGE_SIZE.value,
-        keep_colour=_KEEP_COLOUR.value,
-        letterbox=_LETTERBOX.value,
-        ct_window=tuple(float(v) for v in _CT_WINDOW.value),
-        percentiles=tuple(float(v) for v in _PERCENTILES.value),
-        max_frames=_MAX_FRAMES.value,
-        max_pixels=_MAX_PIXELS.value,
+        image_size=FLAGS.image_size,
+        keep_colour=FLAGS.keep_colour,
+        letterbox=FLAGS.letterbox,
+        ct_window=tuple(float(v) for v in FLAGS.ct_window),
+        percentiles=tuple(float(v) for v in FLAGS.percentiles),
+        max_frames=FLAGS.max_frames,
+        max_pixels=FLAGS.max_pixels,
     )
     summary = prepare_corpus(
         sources,
-        _OUTPUT_DIR.value,
+        FLAGS.output_dir,
         options,
-        files_per_shard=_FILES_PER_SHARD.value,
-        num_workers=_NUM_WORKERS.value,
-        file_timeout_s=_FILE_TIMEOUT_S.value,
-        worker_memory_mib=_WORKER_MEMORY_MIB.value,
-        compression=_COMPRESSION.value,
+        files_per_shard=FLAGS.files_per_shard,
+        num_workers=FLAGS.num_workers,
+        file_timeout_s=FLAGS.file_timeout_s,
+        worker_memory_mib=FLAGS.worker_memory_mib,
+        compression=FLAGS.compression,
         path_salt=path_salt,
-        rejects_with_paths=_REJECTS_WITH_PATHS.value,
+        rejects_with_paths=FLAGS.rejects_with_paths,
     )
     print(json.dumps({k: summary[k] for k in summary if k != "shards"}, indent=1))
 
 
+def run_cli(argv: Sequence[str] | None = None) -> None:
+    """Define the flags, parse `argv` (default sys.argv) and run `main`; exits the process."""
+    define_flags()
+    app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run_cli()
