@@ -108,9 +108,10 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
     config.data.num_workers = 0
     config.train.global_batch_size = 8
     config.train.num_steps = 60
-    config.train.warmup_epochs = 0.0
-    config.train.learning_rate = 1e-3
-    config.log.every_steps = 5
+    config.train.warmup_epochs = 1.0
+    config.train.learning_rate = 3e-4
+    config.train.grad_clip_norm = 1.0
+    config.log.every_steps = 10
     config.log.reconstruction_every_steps = 30
     config.log.checkpoint_every_steps = 20
 

@@ -7,6 +7,8 @@ config fields with `--config.train.learning_rate=1e-3`; see configs/pretrain.py 
 variants. On several hosts, start the same command on every host with `--distributed`.
 """
 
+import logging as logging_lib
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,10 +36,18 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class QuietLibraryInfo(logging_lib.Filter):
+    """Drop INFO records of Orbax, which logs about 30 lines per checkpoint save."""
+
+    def filter(self, record: logging_lib.LogRecord) -> bool:
+        return record.levelno > logging_lib.INFO or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
 
+    logging.get_absl_handler().addFilter(QuietLibraryInfo())
     parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
     if _COMPILATION_CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)

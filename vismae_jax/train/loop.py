@@ -288,18 +288,25 @@ def run(setup: Setup, manager, writer: metrics.MetricWriter) -> dict[str, Any]:
         # queued, so the devices have work while the host waits for them and logs.
         reporter.report(pending)
 
+        # Log the first step of each call too: it shows the starting loss and that the
+        # compiled step runs.
         is_last = step == end_step
-        if hooks.is_due(step, config.log.every_steps, total_steps) or is_last:
+        is_first = step == start_step + 1
+        if hooks.is_due(step, config.log.every_steps, total_steps) or is_last or is_first:
             pending = buffer
             buffer = metrics.MetricBuffer()
 
-        side_work_start = time.perf_counter()
         if hooks.is_due(step, config.log.reconstruction_every_steps, total_steps):
+            # Wait for the step first, so that only the picture's own time is left out of
+            # the throughput measures.
+            jax.block_until_ready(step_metrics)
+            picture_start = time.perf_counter()
             path = write_reconstruction(
                 setup, writer, reconstruct, state.params, reconstruction_images, step
             )
             if path is not None:
                 reconstruction_paths.append(path)
+            progress.exclude(time.perf_counter() - picture_start)
 
         if hooks.is_due(step, config.log.checkpoint_every_steps, total_steps) or is_last:
             # Check every step up to this one for a non-finite loss before saving it.
@@ -311,9 +318,10 @@ def run(setup: Setup, manager, writer: metrics.MetricWriter) -> dict[str, Any]:
                 "elapsed_seconds": elapsed_before + time.perf_counter() - session_start,
                 "total_steps": total_steps,
             }
+            save_start = time.perf_counter()
             checkpoint.save(manager, step, state, setup.data_iter, meta)
             checkpoint_steps.append(step)
-        progress.exclude(time.perf_counter() - side_work_start)
+            progress.exclude(time.perf_counter() - save_start)
 
     reporter.report(pending)
     reporter.report(buffer)
