@@ -18,7 +18,7 @@ from absl import logging
 from vismae_jax import parallel
 from vismae_jax.data import pipeline
 from vismae_jax.models import flops, mae
-from vismae_jax.train import checkpoint, hooks, metrics, optim, reconstruction
+from vismae_jax.train import checkpoint, hooks, metrics, optim, preemption, reconstruction
 from vismae_jax.train import state as state_lib
 from vismae_jax.train import step as step_lib
 
@@ -189,7 +189,8 @@ def train_and_evaluate(
 
     Returns the run's summaries: start_step and final_step of this call, losses (every step's
     loss, by step, for the steps run in this call), last_scalars (the last logged interval),
-    checkpoint_steps, reconstruction_paths, num_parameters and train_step_traces.
+    checkpoint_steps, reconstruction_paths, num_parameters, train_step_traces and preempted
+    (True when a preemption notice stopped the call early).
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (the message names the step).
@@ -203,7 +204,8 @@ def train_and_evaluate(
     manager = checkpoint.make_manager(workdir, config.log.keep_checkpoints, config.log.keep_period)
     writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
     try:
-        summaries = run(setup, manager, writer)
+        with preemption.PreemptionWatcher() as watcher:
+            summaries = run(setup, manager, writer, watcher)
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -212,8 +214,17 @@ def train_and_evaluate(
     return summaries
 
 
-def run(setup: Setup, manager, writer: metrics.MetricWriter) -> dict[str, Any]:
-    """Run the steps from the restored (or initial) state to the end, or to max_steps_per_run."""
+def run(
+    setup: Setup,
+    manager,
+    writer: metrics.MetricWriter,
+    watcher: preemption.PreemptionWatcher | None = None,
+) -> dict[str, Any]:
+    """Run the steps from the restored (or initial) state to the end, or to max_steps_per_run.
+
+    When `watcher` reports a preemption notice, the current step is finished and saved, and
+    the run returns early with `preempted` set in its summaries.
+    """
     config = setup.config
     total_steps = setup.steps.total_steps
     batch_sharding = parallel.batch_sharding(setup.mesh)
@@ -271,6 +282,7 @@ def run(setup: Setup, manager, writer: metrics.MetricWriter) -> dict[str, Any]:
         per_process_batch,
     )
     progress.start(start_step)
+    preempted = False
 
     for step in range(start_step + 1, end_step + 1):
         fetch_start = time.perf_counter()
@@ -290,7 +302,9 @@ def run(setup: Setup, manager, writer: metrics.MetricWriter) -> dict[str, Any]:
 
         # Log the first step of each call too: it shows the starting loss and that the
         # compiled step runs.
-        is_last = step == end_step
+        # A preemption notice makes this step the last one of the call.
+        preempted = watcher is not None and watcher.should_stop(step)
+        is_last = step == end_step or preempted
         is_first = step == start_step + 1
         if hooks.is_due(step, config.log.every_steps, total_steps) or is_last or is_first:
             pending = buffer
@@ -323,6 +337,15 @@ def run(setup: Setup, manager, writer: metrics.MetricWriter) -> dict[str, Any]:
             checkpoint_steps.append(step)
             progress.exclude(time.perf_counter() - save_start)
 
+        if preempted:
+            logging.warning(
+                "Stopping after step %d on a preemption notice; its checkpoint is saved. Rerun "
+                "the same command to resume.",
+                step,
+            )
+            end_step = step
+            break
+
     reporter.report(pending)
     reporter.report(buffer)
     writer.flush()
@@ -334,6 +357,7 @@ def run(setup: Setup, manager, writer: metrics.MetricWriter) -> dict[str, Any]:
         "checkpoint_steps": checkpoint_steps,
         "reconstruction_paths": reconstruction_paths,
         "train_step_traces": len(traces),
+        "preempted": preempted,
     }
 
 
