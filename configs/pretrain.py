@@ -100,10 +100,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def apply_demo(config: ml_collections.ConfigDict) -> None:
-    """Full architecture on the embedded demo corpus: a few minutes on 2 CPU cores.
+    """Full architecture (26.6M parameters, 224x224) on the 59-image demo corpus, 60 steps.
 
-    Command: python -m vismae_jax.pretrain --config=configs/pretrain.py:demo --workdir=/tmp/demo
-    Expected: the masked-patch loss falls clearly over the run.
+    Command: launch/demo.sh /tmp/vismae_demo (prepares WORKDIR/corpus, trains, exports), or
+    python -m vismae_jax.pretrain --config=configs/pretrain.py:demo --workdir=/tmp/vismae_demo
+    once the corpus is in /tmp/vismae_demo/corpus.
+    Expected: the masked-patch loss falls from about 2.4 at step 1 to about 0.7 (mean of steps
+    51-60). On 2 CPU cores shared with other jobs the run took 20 minutes (2 minutes of
+    compilation, then 0.4-0.5 images/s); an idle machine is faster.
     """
     config.data.num_workers = 0
     config.train.global_batch_size = 8
