@@ -8,6 +8,8 @@ variants. On several hosts, start the same command on every host with `--distrib
 """
 
 import logging as logging_lib
+import re
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -43,6 +45,29 @@ class QuietLibraryInfo(logging_lib.Filter):
         return record.levelno > logging_lib.INFO or "/orbax/" not in record.pathname
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse the command line as absl does, but name the flag and the fix for an unknown key.
+
+    ml_collections raises AttributeError (not a flags error) for `--config.train.learning_rat`,
+    which absl would print as a traceback.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"FATAL Flags parsing error: {error}\nPass --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as error:
+        overrides = " ".join(arg for arg in argv[1:] if arg.startswith("--config."))
+        # The message is a repr such as '\'learning_rat\'\nDid you mean "learning_rate"...'.
+        names = re.findall(r"[A-Za-z_]\w*", str(error))
+        suggestion = re.search(r'Did you mean "([^"]+)"', str(error))
+        hint = f' Did you mean "{suggestion.group(1)}"?' if suggestion else ""
+        sys.exit(
+            f"Unknown config key {names[0] if names else error!r} in {overrides}: it does not "
+            f"exist in the config.{hint} Every overridden key must already exist in "
+            "configs/pretrain.py; check its spelling there."
+        )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -62,4 +87,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -5,7 +5,9 @@ saved asynchronously from the devices), `data_iter` (one JSON file per process w
 iterator state) and `meta` (JSON progress counters: step, examples seen, elapsed seconds).
 """
 
+import errno
 import pathlib
+import shutil
 from typing import Any
 
 import grain
@@ -71,8 +73,57 @@ def save(
     items = {"state": ocp.args.PyTreeSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
         items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    # Waiting first makes an error of the previous save surface here, as a clear message.
+    wait_until_saved(manager)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as error:
+        raise_if_disk_full(manager, error)
+        raise
     logging.info("Started saving checkpoint for step %d under %s.", step, manager.directory)
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+    """Block until every started save is written.
+
+    Raises:
+        OSError: with errno ENOSPC, when a save failed because the disk is full.
+    """
+    try:
+        manager.wait_until_finished()
+    except Exception as error:
+        raise_if_disk_full(manager, error)
+        raise
+
+
+def raise_if_disk_full(manager: ocp.CheckpointManager, error: BaseException) -> None:
+    """Raise OSError(ENOSPC) naming the folder and the fix if `error` comes from a full disk.
+
+    TensorStore reports a full disk as ValueError("RESOURCE_EXHAUSTED: ... No space left on
+    device"), so the message is checked as well as the errno of every chained OSError.
+    """
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    full = any(
+        (isinstance(item, OSError) and item.errno == errno.ENOSPC)
+        or "No space left on device" in str(item)
+        for item in chain
+    )
+    if not full:
+        return
+
+    directory = pathlib.Path(manager.directory)
+    free_mib = shutil.disk_usage(directory).free / 2**20
+    latest = manager.latest_step()
+    raise OSError(
+        errno.ENOSPC,
+        f"Saving a checkpoint under {directory} failed: no space left on device "
+        f"({free_mib:.1f} MiB free). Free space on that disk, lower config.log.keep_checkpoints, "
+        f"or move the workdir to a larger disk; the newest complete checkpoint is step {latest}, "
+        "and rerunning the same command resumes from it.",
+    ) from error
 
 
 def restore_latest(

@@ -5,7 +5,9 @@ resumes from the newest checkpoint: train state, Grain iterator position and pro
 """
 
 import dataclasses
+import os
 import pathlib
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vismae_jax import parallel
+from vismae_jax import masking, parallel
 from vismae_jax.data import pipeline
 from vismae_jax.models import flops, mae
 from vismae_jax.train import checkpoint, hooks, metrics, optim, preemption, reconstruction
@@ -53,6 +55,45 @@ def resolve_corpus_dir(config: ml_collections.ConfigDict, workdir: pathlib.Path)
             "config.data.corpus_dir."
         )
     return path
+
+
+def check_model_config(model_config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError, naming the value and the fix, if the model cannot take its image size.
+
+    Checked before the corpus, whose own size check would otherwise suggest preparing it at
+    the invalid size.
+    """
+    try:
+        mae.check_image_size(
+            model_config.image_size, model_config.patch_size, len(model_config.depths)
+        )
+        masking.check_mask_geometry(
+            model_config.image_size, model_config.patch_size, model_config.mask_unit
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"{error} Set config.model.image_size to such a size, and prepare the corpus with "
+            "the same --image_size."
+        ) from error
+
+
+def prepare_workdir(workdir: pathlib.Path) -> None:
+    """Create `workdir` and check that a file can be written in it.
+
+    Raises:
+        OSError: the folder cannot be created or written; the message names it and the fix.
+    """
+    probe = workdir / f".write_test.{socket.gethostname()}.{os.getpid()}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(
+            error.errno,
+            f"Workdir {workdir} is not writable ({error.strerror or error}). Pass a --workdir "
+            "that you can create and write, on a disk with room for checkpoints.",
+        ) from error
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -196,7 +237,8 @@ def train_and_evaluate(
         FloatingPointError: the loss became NaN or infinite (the message names the step).
     """
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_model_config(config.model)
+    prepare_workdir(workdir)
     write_config(config, workdir)
     setup = build_setup(config, workdir, devices)
     num_parameters = log_model_size(setup)
@@ -207,9 +249,11 @@ def train_and_evaluate(
         with preemption.PreemptionWatcher() as watcher:
             summaries = run(setup, manager, writer, watcher)
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        try:
+            checkpoint.wait_until_saved(manager)
+        finally:
+            manager.close()
+            writer.close()
     summaries["num_parameters"] = num_parameters
     return summaries
 
