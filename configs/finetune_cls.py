@@ -7,7 +7,7 @@ Run one with:
 VARIANT is `default`, `demo` or `test`, optionally followed by overrides, for example
 `--config=configs/finetune_cls.py:default,data.csv=/data/labels.csv` or, to compare random and
 pretrained initialisations,
-`--config=configs/finetune_cls.py:demo,initialisations="('random','/tmp/demo/export/vismae_mae.pth')"`.
+`--config=configs/finetune_cls.py:demo,initialisations="('random','/tmp/vismae_demo/export/vismae_mae.pth')"`.
 Unknown keys are errors.
 
 `default` is the recipe of the public VIS-MAE fine-tuning code: 224x224 inputs, batch 48, 50

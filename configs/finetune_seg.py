@@ -7,7 +7,7 @@ Run one with:
 VARIANT is `default`, `demo` or `test`, optionally followed by overrides, for example
 `--config=configs/finetune_seg.py:default,data.csv=/data/seg.csv` or, to compare random and
 pretrained initialisations,
-`--config=configs/finetune_seg.py:demo,initialisations="('random','/tmp/demo/export/vismae_mae.pth')"`.
+`--config=configs/finetune_seg.py:demo,initialisations="('random','/tmp/vismae_demo/export/vismae_mae.pth')"`.
 Unknown keys are errors.
 
 `default` is the recipe of the public VIS-MAE fine-tuning code: 320x320 inputs, batch 32, 150
