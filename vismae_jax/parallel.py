@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -76,6 +77,21 @@ def maybe_initialize_distributed(
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+def wait_for_all_processes(name: str, timeout_seconds: int = 1200) -> None:
+    """Block until every JAX process reaches the barrier `name`; return at once in one process.
+
+    The barrier runs on the jax.distributed coordination service, not on the devices. Call it
+    before the first run of a newly compiled multi-process program. On CPU, JAX 0.10's Gloo
+    collectives give the processes 30 s to meet when a program first communicates. A process
+    that compiles the program can lag further behind one that loads it from the persistent
+    compilation cache (which only process 0 writes).
+    """
+    if jax.process_count() == 1:
+        return
+    barrier = ocp.multihost.get_barrier_sync_fn()
+    barrier(key=name, timeout_ms=timeout_seconds * 1000)
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:

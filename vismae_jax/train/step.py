@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vismae_jax import masking
+from vismae_jax import masking, parallel
 from vismae_jax.models import mae
 from vismae_jax.train.state import TrainState
 
@@ -220,6 +220,7 @@ def compile_train_step(
     )
     compiled = jitted.lower(abstract_state, abstract_batch).compile()
     log_memory_analysis(compiled)
+    parallel.wait_for_all_processes("train_step_compiled")
     return compiled
 
 
