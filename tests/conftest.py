@@ -3,8 +3,11 @@
 import os
 import pathlib
 
-# Must be set before JAX is imported anywhere in the test process.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before JAX is imported anywhere in the test process. The lowest LLVM optimisation
+# level halves CPU compile time; the tests' tiny steps then run about 2x slower, a net gain.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
