@@ -4,7 +4,9 @@
 
 Rerunning the same command with the same workdir resumes from its newest checkpoint. Override
 config fields with `--config.train.learning_rate=1e-3`; see configs/pretrain.py for the
-variants. On several hosts, start the same command on every host with `--distributed`.
+variants. On several hosts, start the same command on every host with `--distributed` (under
+SLURM, Open MPI or Kubernetes), or with `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`; launch/ has a SLURM script and a one-machine CPU launcher.
 """
 
 import logging as logging_lib
@@ -29,6 +31,24 @@ _DISTRIBUTED = flags.DEFINE_bool(
     False,
     "Call jax.distributed.initialize() first; it reads the coordinator and process ids from "
     "the cluster environment (SLURM, Open MPI, Kubernetes).",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    "",
+    "host:port of process 0's jax.distributed coordinator; implies --distributed. Empty: read "
+    "it from the cluster environment.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes",
+    0,
+    "Number of JAX processes of the run; implies --distributed. 0: read it from the cluster "
+    "environment.",
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    -1,
+    "Index of this process, 0 to num_processes - 1; implies --distributed. -1: read it from "
+    "the cluster environment.",
 )
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache_dir",
@@ -73,9 +93,15 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
 
     logging.get_absl_handler().addFilter(QuietLibraryInfo())
-    parallel.maybe_initialize_distributed(_DISTRIBUTED.value)
+    parallel.maybe_initialize_distributed(
+        _DISTRIBUTED.value, _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
     if _COMPILATION_CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
+    if jax.process_index() != 0:
+        # Every process runs the same steps, so process 0's log tells the story; the others
+        # log only warnings and errors.
+        logging.set_verbosity(logging.WARNING)
 
     summaries = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     logging.info(
