@@ -3,6 +3,7 @@
 import logging
 import pathlib
 
+import nibabel
 import nrrd
 import numpy as np
 import pydicom
@@ -108,6 +109,25 @@ def test_nrrd_volume_slices_with_mask(tmp_path):
     assert (rows.min(), rows.max()) == (7, 14)  # rows 5-9 stretched by 48 / 32
     assert (columns.min(), columns.max()) == (30, 39)
     assert loaded.groups == ["p1"] * 4
+
+
+def test_nifti_matches_nrrd_slices(tmp_path):
+    volume = np.arange(40 * 24 * 3, dtype=np.int16).reshape(40, 24, 3)
+    labels = np.zeros(volume.shape, np.uint8)
+    labels[10:20, 4:8, 1] = 1
+    nrrd.write(str(tmp_path / "v.nrrd"), volume)
+    nrrd.write(str(tmp_path / "v_label.nrrd"), labels)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), str(tmp_path / "v.nii.gz"))
+    nibabel.save(nibabel.Nifti1Image(labels, np.eye(4)), str(tmp_path / "v_label.nii.gz"))
+    nrrd_csv = write_csv(tmp_path / "nrrd.csv", "image,mask", ["v.nrrd,v_label.nrrd"])
+    nifti_csv = write_csv(tmp_path / "nifti.csv", "image,mask", ["v.nii.gz,v_label.nii.gz"])
+
+    from_nrrd = load_segmentation(nrrd_csv, image_size=32, window=(1440.0, 2880.0))
+    from_nifti = load_segmentation(nifti_csv, image_size=32, window=(1440.0, 2880.0))
+
+    np.testing.assert_array_equal(from_nifti.images, from_nrrd.images)
+    np.testing.assert_array_equal(from_nifti.masks, from_nrrd.masks)
+    assert from_nifti.masks[1].max() == 1
 
 
 def test_nrrd_empty_slice_margin(tmp_path):
