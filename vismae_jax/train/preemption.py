@@ -9,6 +9,12 @@ same step, so the watcher asks JAX's preemption sync point instead: when any pro
 SIGTERM, the coordination service of `jax.distributed` tells all of them, and
 `multihost_utils.reached_preemption_sync_point(step)` returns True on every process at the
 same step (one past the largest step any process had reached).
+
+NOTE: Ctrl-C in a terminal sends SIGINT to the whole process group, so Grain's worker
+processes (data.num_workers > 0) print KeyboardInterrupt tracebacks and exit. The step in
+flight already has its batch, so the save still works (checked by hand with 2 workers), but a
+signal that arrives while the loop waits for a batch may end the run without saving. A
+scheduler's SIGTERM to the main process only does not have this problem.
 """
 
 import signal
