@@ -123,7 +123,9 @@ def build_setup(
     data_config.corpus_dir = str(resolve_corpus_dir(config, workdir))
     corpus_size = pipeline.corpus_size(data_config.corpus_dir, data_config.modality)
     steps = optim.schedule_steps(config.train, corpus_size)
-    per_process_batch = parallel.check_batch_size(config.train.global_batch_size, mesh)
+    per_process_batch = parallel.check_batch_size(
+        config.train.global_batch_size, mesh, config.train.grad_accum_steps
+    )
     logging.info(
         "Corpus %s: %d images (modality %s), %.1f steps per epoch; %d steps, %d warmup steps.",
         data_config.corpus_dir,
