@@ -13,8 +13,9 @@ same step (one past the largest step any process had reached).
 NOTE: Ctrl-C in a terminal sends SIGINT to the whole process group, so Grain's worker
 processes (data.num_workers > 0) print KeyboardInterrupt tracebacks and exit. The step in
 flight already has its batch, so the save still works (checked by hand with 2 workers), but a
-signal that arrives while the loop waits for a batch may end the run without saving. A
-scheduler's SIGTERM to the main process only does not have this problem.
+signal that arrives while the loop waits for a batch may end the run without saving. Schedulers
+that signal every process of a job (SLURM does) can do the same with SIGTERM; `kill PID` on
+the main process alone cannot.
 """
 
 import signal
