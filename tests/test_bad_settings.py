@@ -19,6 +19,8 @@ from vismae_jax.train import loop
 # Grain reads absl flags, which only parse under absl.app.run.
 flags.FLAGS.mark_as_parsed()
 
+# One worker runs the whole file, so the module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("bad_settings")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+# One worker runs the whole file, so the module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("patient_data")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMAND_TIMEOUT_S = 400
 

@@ -19,6 +19,8 @@ import pytest
 from vismae_jax.data import demo, prepare
 from vismae_jax.data.images import DecodeOptions
 
+# One worker runs the whole file, so the module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("preemption")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 400
 NUM_STEPS = 40
@@ -66,7 +68,7 @@ def test_sigterm_one_process_stops_all(corpus, tmp_path):
     address = f"127.0.0.1:{free_port()}"
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     cache = str(REPO_ROOT / ".cache" / "jax")

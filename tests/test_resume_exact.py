@@ -31,6 +31,8 @@ from vismae_jax.train import loop, preemption
 # Grain reads absl flags, which only parse under absl.app.run.
 flags.FLAGS.mark_as_parsed()
 
+# One worker runs the whole file, so the module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("resume_exact")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 8
 # Every step logs and saves, so a kill can land at any step; no reconstruction pictures.
