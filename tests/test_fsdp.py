@@ -1,5 +1,9 @@
 """FSDP and mesh changes: sharded parameters train like replicated ones, and a checkpoint saved
-on 8 devices continues on 4 and then on 1 with the same losses."""
+on 8 devices continues on 4 and then on 1 with the same losses.
+
+One FSDP run on 8 devices is the reference. Its step-2 checkpoint continues for one step with
+pure data parallel on 4 devices, whose checkpoint continues for one step on 1 device.
+"""
 
 import importlib.util
 import pathlib
@@ -21,7 +25,6 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Four steps with a checkpoint at step 2; no reconstruction pictures, to compile less.
 RUN = "train.num_steps=4,log.checkpoint_every_steps=2,log.reconstruction_every_steps=0"
 FSDP_8 = "mesh.data=1,mesh.fsdp=8,mesh.param_rules=(('.*','fsdp'),)"
-FSDP_4 = "mesh.data=1,mesh.fsdp=4,mesh.param_rules=(('.*','fsdp'),)"
 
 
 def load_config(corpus, overrides=""):
@@ -44,12 +47,6 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data_parallel(corpus, tmp_path_factory):
-    """Pure data parallel on 8 devices: summaries."""
-    return loop.train_and_evaluate(load_config(corpus), tmp_path_factory.mktemp("data_parallel"))
-
-
-@pytest.fixture(scope="module")
 def fsdp(corpus, tmp_path_factory):
     """Every parameter and optimiser moment sharded over 8 devices: (summaries, workdir)."""
     workdir = tmp_path_factory.mktemp("fsdp")
@@ -61,14 +58,6 @@ def continue_run(corpus, source_workdir, step, workdir, overrides, devices):
     shutil.copytree(source_workdir / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
     config = load_config(corpus, f"{overrides},train.max_steps_per_run=1")
     return loop.train_and_evaluate(config, workdir, devices=devices)
-
-
-def test_fsdp_matches_data_parallel(data_parallel, fsdp):
-    summaries, _ = fsdp
-    for step in range(1, 5):
-        assert summaries["losses"][step] == pytest.approx(
-            data_parallel["losses"][step], rel=1e-4
-        ), step
 
 
 def test_fsdp_shards_state(corpus, fsdp):
@@ -93,16 +82,31 @@ def test_fsdp_shards_state(corpus, fsdp):
     assert on_one_device < 0.2 * total
 
 
-def test_restore_8_to_4_to_1(corpus, data_parallel, fsdp, tmp_path):
+@pytest.fixture(scope="module")
+def four_then_one(corpus, fsdp, tmp_path_factory):
+    """Continue the FSDP run's step-2 checkpoint on 4 devices, then on 1: (summaries, summaries)."""
     _, fsdp_workdir = fsdp
+    root = tmp_path_factory.mktemp("four_then_one")
     four = continue_run(
-        corpus, fsdp_workdir, 2, tmp_path / "four", FSDP_4, devices=jax.devices()[:4]
+        corpus, fsdp_workdir, 2, root / "four", "mesh.data=4", devices=jax.devices()[:4]
     )
     one = continue_run(
-        corpus, tmp_path / "four", 3, tmp_path / "one", "mesh.data=1", devices=jax.devices()[:1]
+        corpus, root / "four", 3, root / "one", "mesh.data=1", devices=jax.devices()[:1]
     )
+    return four, one
 
+
+def test_data_parallel_matches_fsdp(fsdp, four_then_one):
+    # From the same step-2 state, a data-parallel step on 4 devices and an FSDP step on 8
+    # devices give the same loss.
+    fsdp_summaries, _ = fsdp
+    four, _ = four_then_one
     assert four["start_step"] == 2
-    assert four["losses"][3] == pytest.approx(data_parallel["losses"][3], rel=1e-4)
+    assert four["losses"][3] == pytest.approx(fsdp_summaries["losses"][3], rel=1e-4)
+
+
+def test_restore_8_to_4_to_1(fsdp, four_then_one):
+    fsdp_summaries, _ = fsdp
+    _, one = four_then_one
     assert one["start_step"] == 3
-    assert one["losses"][4] == pytest.approx(data_parallel["losses"][4], rel=1e-4)
+    assert one["losses"][4] == pytest.approx(fsdp_summaries["losses"][4], rel=1e-4)
