@@ -215,7 +215,9 @@ def corrupt_dir(manager: ocp.CheckpointManager) -> pathlib.Path:
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Move the step folders `steps` out of the manager's directory and reload its step list.
 
-    Process 0 moves the folders; every process waits for it before reloading.
+    Process 0 moves the folders, and every process waits for it before reloading.
+    NOTE: tested on one process only; with several, every process must see the same damage
+    (a shared file system), or they would resume from different steps.
     """
     if jax.process_index() == 0:
         target_dir = corrupt_dir(manager)
