@@ -409,6 +409,8 @@ def run(
 
 def write_reconstruction(setup, writer, reconstruct, params, images, step) -> pathlib.Path | None:
     """Compute the reconstruction grid of `step`; process 0 writes it as PNG and to TensorBoard."""
+    # The first call compiles `reconstruct`, at a different pace on each process.
+    parallel.wait_for_all_processes(f"reconstruction_{step}")
     pictures = jax.device_get(reconstruct(params, images))
     if jax.process_index() != 0:
         return None
