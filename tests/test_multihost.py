@@ -42,9 +42,10 @@ def run_worker(process_id, port, workdir, corpus, output):
 
     # Grain reads absl flags, which only parse under absl.app.run.
     flags.FLAGS.mark_as_parsed()
-    # Only process 0 writes the persistent compilation cache, so with the cache on, process 0
-    # loads programs that process 1 must compile. Without it both compile at the same pace.
-    jax.config.update("jax_enable_compilation_cache", False)
+    # Only process 0 writes the persistent compilation cache and so loads programs that process
+    # 1 must compile. The trainer waits for all processes before running a new program.
+    jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     parallel.maybe_initialize_distributed(
         True,
         coordinator_address=f"127.0.0.1:{port}",
