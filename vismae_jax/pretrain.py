@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
     if _COMPILATION_CACHE.value:
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
     if jax.process_index() != 0:
-        # Every process runs the same steps, so process 0's log tells the story; the others
+        # Every process runs the same steps, so process 0's log is enough. The other processes
         # log only warnings and errors.
         logging.set_verbosity(logging.WARNING)
 
