@@ -35,9 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.variant = variant  # Name of the variant this config was built from.
     config.task = "segmentation"  # Downstream task; fixed for this file.
-    config.seed = (
-        0  # Seed for folds, label subsets, random initialisation, shuffling, augmentation.
-    )
+    # Seed for folds, label subsets, random initialisation, shuffling, augmentation.
+    config.seed = 0
     # Where the weights come from: "random", a .pth/.safetensors path, or "NAME=PATH". Each
     # entry is a separate run over every split and label fraction.
     config.initialisations = ("random",)
@@ -50,22 +49,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.channels = 0  # Model input channels (1 or 3); 0 = as exported, 1 for random init.
     config.data.pixel_mean = 0.223  # Normalisation mean of pixels in [0, 1] (pretraining value).
     config.data.pixel_std = 0.202  # Normalisation standard deviation (pretraining value).
-    config.data.window = (
-        0.0,
-        0.0,
-    )  # Volume (center, width) in stored units; width 0 = percentiles.
-    config.data.percentiles = (
-        0.5,
-        99.5,
-    )  # Volume percentile range mapped to [0, 1] without window.
+    # Volume (center, width) in stored units; width 0 = percentiles.
+    config.data.window = (0.0, 0.0)
+    # Volume percentile range mapped to [0, 1] without window.
+    config.data.percentiles = (0.5, 99.5)
     config.data.slice_axis = 2  # Volume array axis (file index order) that slices are taken along.
     config.data.empty_slice_margin = -1  # Keep volume slices within N of foreground; -1 = all.
     config.data.num_workers = 4  # DataLoader worker processes (0 = in the main process).
 
     config.augment = ml_collections.ConfigDict()
-    config.augment.flip_probability = (
-        0.5  # Probability of each of a horizontal and a vertical flip.
-    )
+    # Probability of each of a horizontal and a vertical flip.
+    config.augment.flip_probability = 0.5
     config.augment.rotate90 = True  # Rotate by a random multiple of 90 degrees.
     config.augment.max_rotation_degrees = 10.0  # Small affine: rotation range in degrees.
     config.augment.max_scale_change = 0.1  # Small affine: scale drawn from [1 - s, 1 + s].
@@ -89,12 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.b1 = 0.9  # AdamW first-moment decay.
     config.train.b2 = 0.95  # AdamW second-moment decay.
     config.train.weight_decay = 0.05  # AdamW decoupled weight decay (not on norms, biases, tables).
-    config.train.precision = (
-        "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16.
-    )
-    config.train.selection_metric = (
-        "dice"  # Validation metric that picks the best epoch (or "loss").
-    )
+    # auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16.
+    config.train.precision = "auto"
+    # Validation metric that picks the best epoch (or "loss").
+    config.train.selection_metric = "dice"
     config.train.device = "auto"  # auto (CUDA if available), cpu, cuda or cuda:N.
     config.train.num_threads = 0  # PyTorch CPU threads; 0 keeps PyTorch's default (all cores).
 

@@ -180,25 +180,14 @@ class TorchTrainStep:
     def __init__(self, config, batch_size: int, seed: int = 0):
         import torch
 
+        from vismae_jax.export import convert
         from vismae_jax.torch import models
 
         torch.manual_seed(seed)
         model_config, train = config.model, config.train
         self.data = config.data
-        self.model = models.SwinMAE(
-            img_size=model_config.image_size,
-            patch_size=model_config.patch_size,
-            in_chans=model_config.channels,
-            embed_dim=model_config.embed_dim,
-            depths=tuple(model_config.depths),
-            num_heads=tuple(model_config.num_heads),
-            window_size=model_config.window_size,
-            mlp_ratio=model_config.mlp_ratio,
-            drop_path_rate=model_config.drop_path_rate,
-            mask_ratio=model_config.mask_ratio,
-            norm_pix_loss=model_config.norm_pix_loss,
-            mask_unit=model_config.mask_unit,
-        ).train()
+        kwargs = convert.torch_kwargs(model_config, model_config.channels)
+        self.model = models.SwinMAE(**kwargs).train()
 
         # Weight decay on matrices and kernels only, as in the JAX optimiser.
         no_decay = ("mask_token", "relative_position_bias_table")
