@@ -219,3 +219,16 @@ def test_initialize_rejects_bad_process_id():
 def test_initialize_off_by_default():
     parallel.maybe_initialize_distributed(False)
     assert jax.process_count() == 1
+
+
+def test_cli_rejects_bad_process_id(tmp_path):
+    command = [
+        sys.executable, "-m", "vismae_jax.pretrain", "--config=configs/pretrain.py:test",
+        f"--workdir={tmp_path}", "--coordinator_address=127.0.0.1:1", "--num_processes=2",
+        "--process_id=5",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode != 0
+    assert "Invalid process id 5 for 2 processes" in result.stderr
