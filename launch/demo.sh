@@ -23,6 +23,11 @@ if [[ ! -f "${WORKDIR}/corpus/summary.json" ]]; then
   "${PYTHON}" -m vismae_jax.data.prepare --demo --output_dir="${WORKDIR}/corpus" --image_size=224
 fi
 
+# Ctrl-C or SIGTERM makes pretraining save a checkpoint and exit 0. The trap records the signal,
+# so the script then stops instead of exporting a partly trained model.
+interrupted=""
+trap 'interrupted=1' INT TERM
+
 echo "Pretraining (config demo) in ${WORKDIR}"
 "${PYTHON}" -m vismae_jax.pretrain \
   --config=configs/pretrain.py:demo \
@@ -30,6 +35,11 @@ echo "Pretraining (config demo) in ${WORKDIR}"
   --compilation_cache_dir="${WORKDIR}/jax_cache" \
   --alsologtostderr \
   "$@"
+
+if [[ -n "${interrupted}" ]]; then
+  echo "Interrupted: the checkpoint is saved. Rerun the same command to resume."
+  exit 130
+fi
 
 if [[ -f vismae_jax/export/__main__.py ]]; then
   echo "Exporting PyTorch weights to ${WORKDIR}/export"

@@ -76,6 +76,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:
         sys.exit(f"FATAL Flags parsing error: {error}\nPass --helpfull to see help on flags.")
     except (AttributeError, KeyError) as error:
+        message = str(error.args[0]) if error.args else ""
+        if message.startswith("Unknown config key"):
+            # Raised by the config file for an inline override such as `:demo,train.lr=1`.
+            sys.exit(f"{message} Check its spelling in configs/pretrain.py.")
         overrides = " ".join(arg for arg in argv[1:] if arg.startswith("--config."))
         # The message is a repr such as '\'learning_rat\'\nDid you mean "learning_rate"...'.
         names = re.findall(r"[A-Za-z_]\w*", str(error))
