@@ -10,7 +10,9 @@ import ast
 import ml_collections
 
 
-def split_arg(arg: str | None, variants: tuple[str, ...], default: str) -> tuple[str, dict[str, str]]:
+def split_arg(
+    arg: str | None, variants: tuple[str, ...], default: str
+) -> tuple[str, dict[str, str]]:
     """Split `arg` into a variant name and a dict of `key=value` overrides.
 
     Raises:
@@ -22,9 +24,13 @@ def split_arg(arg: str | None, variants: tuple[str, ...], default: str) -> tuple
     for position, item in enumerate(items):
         if "=" not in item:
             if position != 0:
-                raise ValueError(f"Config item {item!r} is not key=value; only the first item may name a variant.")
+                raise ValueError(
+                    f"Config item {item!r} is not key=value; only the first item may name a variant."
+                )
             if item not in variants:
-                raise ValueError(f"Unknown config variant {item!r}; expected one of {', '.join(variants)}.")
+                raise ValueError(
+                    f"Unknown config variant {item!r}; expected one of {', '.join(variants)}."
+                )
             variant = item
             continue
         key, value = item.split("=", 1)
