@@ -26,7 +26,8 @@ def golden() -> dict[str, np.ndarray]:
     """Reference tensors computed by the public PyTorch SwinMAE (see shared/golden/README.md)."""
     if not GOLDEN_PATH.exists():
         pytest.fail(
-            f"Golden tensors not found at {GOLDEN_PATH}; the shared/ folder must sit beside the checkout."
+            f"Golden tensors not found at {GOLDEN_PATH}; "
+            "the shared/ folder must sit beside the checkout."
         )
     with np.load(GOLDEN_PATH) as data:
         return {key: data[key] for key in data.files}

@@ -25,7 +25,8 @@ def split_arg(
         if "=" not in item:
             if position != 0:
                 raise ValueError(
-                    f"Config item {item!r} is not key=value; only the first item may name a variant."
+                    f"Config item {item!r} is not key=value; "
+                    "only the first item may name a variant."
                 )
             if item not in variants:
                 raise ValueError(
