@@ -8,9 +8,10 @@ VARIANT is one of `generic`, `mr`, `ct`, `pet`, `xray`, `us`, `demo` or `test`, 
 followed by overrides: `--config=configs/pretrain.py:demo,train.num_steps=20`. Single fields
 can also be overridden with flags: `--config.train.learning_rate=1e-3`. Unknown keys are errors.
 
-The paper's recipe (generic and the modality variants): global batch 5120, 800 epochs, 10
-warmup epochs, AdamW betas (0.9, 0.95), weight decay 0.05, cosine decay to 0, learning rate
-1e-4 as the paper states. The public PyTorch code runs 1e-3.
+The recipe of the VIS-MAE paper (Liu et al., MLMI 2024), used by generic and the modality
+variants: global batch 5120, 800 epochs, 10 warmup epochs, AdamW betas (0.9, 0.95), weight
+decay 0.05, cosine decay to 0, learning rate 1e-4 as the paper states. The public PyTorch code
+runs 1e-3.
 """
 
 import ml_collections

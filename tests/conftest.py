@@ -23,7 +23,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 @pytest.fixture(scope="session")
 def golden() -> dict[str, np.ndarray]:
-    """Reference tensors computed by the public PyTorch SwinMAE (see shared/golden/README.md)."""
+    """Reference weights, inputs, mask and outputs computed by the public PyTorch SwinMAE."""
     if not GOLDEN_PATH.exists():
         pytest.fail(
             f"Golden tensors not found at {GOLDEN_PATH}; "

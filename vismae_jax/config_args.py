@@ -1,7 +1,7 @@
 """Parsing of the string argument that `get_config(arg)` receives.
 
 `--config=configs/pretrain.py:demo,batch_size=64` passes "demo,batch_size=64" to the config
-file. The first item may name a variant; every other item is `key=value`, where the key is a
+file. The first item may name a variant. Every other item is `key=value`, where the key is a
 dotted path into the config and must already exist there.
 """
 
