@@ -1,6 +1,6 @@
 """Orbax checkpoints of the train state, the Grain iterator position and progress counters.
 
-A checkpoint step directory holds three items: `state` (parameters, optimiser state and step,
+A checkpoint step directory contains three items: `state` (parameters, optimiser state and step,
 saved asynchronously from the devices), `data_iter` (one JSON file per process with its Grain
 iterator state) and `meta` (JSON progress counters: step, examples seen, elapsed seconds).
 """

@@ -1,8 +1,9 @@
 """Training metrics: kept on the devices between logging steps, then logged and sent to TensorBoard.
 
 The train step returns a dict of scalar device arrays. The loop only keeps references to them
-(no computation, no transfer), so dispatch never waits for the devices. `MetricBuffer.fetch`
-copies them to the host at logging steps. clu's metric writers import TensorFlow, so
+(no computation, no transfer) until `MetricBuffer.fetch` copies them to the host at logging
+steps. So fetching metrics costs no host sync on other steps, and the loop itself waits only
+for the step before the one it has just dispatched. clu's metric writers import TensorFlow, so
 TensorBoard event files are written with tensorboardX.
 """
 

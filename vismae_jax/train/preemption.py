@@ -5,8 +5,8 @@ returns True, the loop saves a checkpoint of that step and returns, so the progr
 rerunning the same command resumes from that step.
 
 On one process a signal handler sets a flag. On several processes every process must save the
-same step, so the watcher asks JAX's preemption sync point instead: when any process receives
-SIGTERM, the coordination service of `jax.distributed` tells all of them, and
+same step, so the watcher uses JAX's preemption sync point instead. When any process receives
+SIGTERM, the coordination service of `jax.distributed` notifies all of them, and
 `multihost_utils.reached_preemption_sync_point(step)` returns True on every process at the
 same step (one past the largest step any process had reached).
 
