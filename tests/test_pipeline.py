@@ -1,6 +1,7 @@
 """Grain pipeline over a prepared demo corpus: batches, process sharding, shuffling, resume."""
 
 import json
+import shutil
 
 import grain
 import ml_collections
@@ -118,6 +119,36 @@ def test_shuffle_differs_per_epoch(corpus, record_table):
     assert epochs[0] != sorted(epochs[0])
 
 
+def key_stream(keys: np.ndarray, batch_size: int, seed: int, length: int) -> np.ndarray:
+    batches = pipeline.ShuffledKeyBatches(keys, batch_size, seed)
+    count = -(-length // batch_size)
+    return np.concatenate([batches[index] for index in range(count)])[:length]
+
+
+def test_key_stream_permutes_each_epoch():
+    keys = np.arange(10, dtype=np.int64) * 3 + 1
+    epochs = key_stream(keys, 4, seed=0, length=30).reshape(3, 10)
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.sort(epoch), keys)
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[1], epochs[2])
+
+
+def test_key_stream_same_for_any_batch_size():
+    # Batches of 25 span three epochs of 10 keys. The stream must not depend on the cut.
+    keys = np.arange(10, dtype=np.int64)
+    expected = key_stream(keys, 4, seed=3, length=100)
+    np.testing.assert_array_equal(key_stream(keys, 6, seed=3, length=100), expected)
+    np.testing.assert_array_equal(key_stream(keys, 25, seed=3, length=100), expected)
+
+
+def test_same_seed_same_batches(corpus):
+    first = take(make_iterator(corpus, 8, seed=5), 3)
+    second = take(make_iterator(corpus, 8, seed=5), 3)
+    for batch, again in zip(first, second, strict=True):
+        np.testing.assert_array_equal(again, batch)
+
+
 def test_seed_changes_order(corpus):
     first = next(make_iterator(corpus, 8, seed=0))["image"]
     second = next(make_iterator(corpus, 8, seed=1))["image"]
@@ -141,7 +172,7 @@ def test_restore_after_every_step(corpus):
 
 def test_worker_processes_match_in_process(corpus):
     expected = take(make_iterator(corpus, 8), 4)
-    iterator = make_iterator(corpus, 8, num_workers=1)
+    iterator = make_iterator(corpus, 8, num_workers=2)
     try:
         np.testing.assert_array_equal(next(iterator)["image"], expected[0])
         state = iterator.get_state()
@@ -149,13 +180,38 @@ def test_worker_processes_match_in_process(corpus):
     finally:
         iterator.close()
 
-    restored = make_iterator(corpus, 8, num_workers=1)
+    restored = make_iterator(corpus, 8, num_workers=2)
     try:
         restored.set_state(state)
         for batch in expected[1:]:
             np.testing.assert_array_equal(next(restored)["image"], batch)
     finally:
         restored.close()
+
+
+def edited_corpus(corpus: str, tmp_path, **summary_updates) -> str:
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary.update(summary_updates)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    return str(copy)
+
+
+def test_shard_size_mismatch_raises(corpus, tmp_path):
+    summary = pipeline.read_summary(corpus)
+    shards = [dict(shard) for shard in summary["shards"]]
+    shards[0]["num_records"] += 1
+    edited = edited_corpus(corpus, tmp_path, shards=shards, num_images=summary["num_images"] + 1)
+    iterator = make_iterator(edited, summary["num_images"] + 1)  # One epoch: every shard.
+    with pytest.raises(ValueError, match="records but summary.json lists"):
+        next(iterator)
+
+
+def test_record_size_mismatch_raises(corpus, tmp_path):
+    edited = edited_corpus(corpus, tmp_path, image_size=32)
+    with pytest.raises(ValueError, match="4096 bytes, not 32x32x1"):
+        next(iter(pipeline.make_dataset(edited, batch_size=2, image_size=32, channels=1, seed=0)))
 
 
 def test_modality_filter(corpus, record_table):

@@ -1,20 +1,26 @@
 """Grain input pipeline over a prepared corpus: host-local uint8 image batches for training.
 
-The dataset is built over record keys, not records. Keys are shuffled per epoch, repeated,
-sliced per JAX process and batched. Each batch of keys is then read from the ArrayRecord shards
-in one call and decoded with a single `np.frombuffer`. Normalisation, flips and masking happen
-on device in the train step.
+The dataset is built over batches of record keys, not records. The key stream is shuffled per
+epoch with NumPy, cut into batches and sliced per JAX process. Each batch of keys is then read
+from the ArrayRecord shards straight into one uint8 array. Normalisation, flips and masking
+happen on device in the train step.
 """
 
 import json
 import os
+import sys
+import threading
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 from absl import logging
+from array_record.python import array_record_module
 
 MODALITIES = ("all", "mr", "ct", "pet", "xray", "us")
+
+# File buffer of each shard reader, bytes. Grain's ArrayRecordDataSource uses the same size.
+READER_BUFFER_BYTES = 32 * 1024
 
 
 def read_summary(corpus_dir: str) -> dict:
@@ -54,25 +60,95 @@ def corpus_size(corpus_dir: str, modality: str = "all") -> int:
     return len(record_keys(corpus_dir, modality))
 
 
-class ReadImageBatch(grain.transforms.Map):
-    """Read a batch of records by key and decode them into {"image": uint8 [B, S, S, C]}.
+class ShuffledKeyBatches:
+    """Random-access source whose element i is the i-th batch of the shuffled key stream.
 
-    Stores only shard paths and shapes, so it pickles into Grain worker processes; the
-    ArrayRecord readers open lazily in each process.
+    The stream concatenates the epochs 0, 1, 2, ... and epoch e is a permutation of `keys` drawn
+    from `np.random.default_rng([seed, e])`. Element i, int64 [batch_size], contains the stream
+    positions i * batch_size to (i + 1) * batch_size - 1, so a batch may span two epochs (or
+    more when the corpus is smaller than a batch). Its length is `sys.maxsize`: the stream never
+    ends. Every process builds the same stream; slicing the batches by process comes later.
     """
 
-    def __init__(self, shard_paths: Sequence[str], image_size: int, stored_channels: int,
-                 channels: int):  # fmt: skip
-        self.shard_paths = list(shard_paths)
-        self.image_size = image_size
-        self.stored_channels = stored_channels
-        self.channels = channels
-        self._source = None
+    def __init__(self, keys: np.ndarray, batch_size: int, seed: int):
+        self.keys = np.asarray(keys, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self._lock = threading.Lock()
+        self._epochs: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_source"] = None
+        del state["_lock"]
+        state["_epochs"] = {}
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"ShuffledKeyBatches(num_keys={len(self.keys)}, batch_size={self.batch_size}, "
+            f"seed={self.seed})"
+        )
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        start = int(index) * self.batch_size
+        positions = np.arange(start, start + self.batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, len(self.keys))
+
+        batch = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in range(int(epochs[0]), int(epochs[-1]) + 1):
+            in_epoch = epochs == epoch
+            batch[in_epoch] = self._shuffled_keys(epoch)[offsets[in_epoch]]
+        return batch
+
+    def _shuffled_keys(self, epoch: int) -> np.ndarray:
+        """Return `keys` in the order of `epoch`, int64 [N]. The two latest epochs stay cached."""
+        with self._lock:
+            shuffled = self._epochs.get(epoch)
+            if shuffled is None:
+                # About 0.2 s for 2.5M keys (NumPy 2, one core), once per epoch and process.
+                shuffled = np.random.default_rng([self.seed, epoch]).permutation(self.keys)
+                self._epochs = {e: k for e, k in self._epochs.items() if e == epoch - 1}
+                self._epochs[epoch] = shuffled
+            return shuffled
+
+
+class ReadImageBatch(grain.transforms.Map):
+    """Read a batch of records by key into {"image": uint8 [B, S, S, C]}.
+
+    Each record is copied once, from the bytes that the ArrayRecord reader returns into its row
+    of a preallocated batch (and broadcast to C channels when the corpus stores gray images).
+    Stores only shard paths and sizes, so it pickles into Grain worker processes. Each process
+    opens one ArrayRecord reader per shard when it first reads from it, and keeps it open.
+    """
+
+    def __init__(self, shard_paths: Sequence[str], shard_sizes: Sequence[int], image_size: int,
+                 stored_channels: int, channels: int):  # fmt: skip
+        self.shard_paths = list(shard_paths)
+        self.shard_sizes = [int(size) for size in shard_sizes]
+        self.shard_ends = np.cumsum(self.shard_sizes, dtype=np.int64)
+        self.shard_starts = self.shard_ends - self.shard_sizes
+        self.image_size = image_size
+        self.stored_channels = stored_channels
+        self.channels = channels
+        self._lock = threading.Lock()
+        self._readers: dict[int, array_record_module.ArrayRecordReader] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state["_readers"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (
@@ -81,15 +157,54 @@ class ReadImageBatch(grain.transforms.Map):
         )
 
     def map(self, keys: np.ndarray) -> dict[str, np.ndarray]:
-        if self._source is None:
-            self._source = grain.sources.ArrayRecordDataSource(self.shard_paths)
-        records = self._source.__getitems__([int(key) for key in keys])
+        """Read the records of `keys` (int64 [B]) into {"image": uint8 [B, S, S, C]}."""
+        size, stored = self.image_size, self.stored_channels
+        images = np.empty((len(keys), size, size, self.channels), dtype=np.uint8)
+        shards = np.searchsorted(self.shard_ends, keys, side="right")
+        positions = keys - self.shard_starts[shards]
 
-        shape = (len(records), self.image_size, self.image_size, self.stored_channels)
-        images = np.frombuffer(b"".join(records), dtype=np.uint8).reshape(shape)
-        if self.channels != self.stored_channels:
-            images = np.repeat(images, self.channels, axis=-1)
+        rows_per_shard: dict[int, list[int]] = {}
+        for row, shard in enumerate(shards.tolist()):
+            rows_per_shard.setdefault(shard, []).append(row)
+
+        for shard, rows in rows_per_shard.items():
+            records = self._reader(shard).read(positions[rows].tolist())
+            for row, record in zip(rows, records, strict=True):
+                if len(record) != size * size * stored:
+                    raise ValueError(
+                        f"Record {int(positions[row])} of {self.shard_paths[shard]} has "
+                        f"{len(record)} bytes, not {size}x{size}x{stored}; prepare the corpus "
+                        "again."
+                    )
+                images[row] = np.frombuffer(record, dtype=np.uint8).reshape(size, size, stored)
         return {"image": images}
+
+    def _reader(self, shard: int) -> array_record_module.ArrayRecordReader:
+        reader = self._readers.get(shard)
+        if reader is not None:
+            return reader
+
+        with self._lock:
+            if shard not in self._readers:
+                path = self.shard_paths[shard]
+                # Random access: no readahead and no reader threads (read() runs in the caller,
+                # and Grain's prefetch threads call map() concurrently). A small file buffer
+                # keeps thousands of open shards cheap.
+                # NOTE: readers stay open, so each process holds one file descriptor per shard
+                # it has read; a corpus with more shards than `ulimit -n` allows fails here.
+                reader = array_record_module.ArrayRecordReader(
+                    path,
+                    "readahead_buffer_size:0,max_parallelism:0",
+                    file_reader_buffer_size=READER_BUFFER_BYTES,
+                )
+                if reader.num_records() != self.shard_sizes[shard]:
+                    raise ValueError(
+                        f"{path} has {reader.num_records()} records but summary.json lists "
+                        f"{self.shard_sizes[shard]}; the corpus changed after preparation, "
+                        "prepare it again."
+                    )
+                self._readers[shard] = reader
+            return self._readers[shard]
 
 
 def _check_corpus(summary: dict, corpus_dir: str, image_size: int, channels: int) -> None:
@@ -119,7 +234,8 @@ def make_dataset(
 ) -> grain.MapDataset:
     """Build the infinite, shuffled, per-process batched MapDataset of image batches.
 
-    Shuffling is global and differs per epoch. The shuffled stream is cut into batches of
+    Shuffling is global and differs per epoch (`ShuffledKeyBatches`: one seeded NumPy
+    permutation of the keys per epoch). The shuffled stream is cut into batches of
     `batch_size` consecutive positions, and process p takes batches p, p + P, p + 2P, ... So at
     each step the P per-process batches, stacked in process order, are exactly the global batch
     that a single process would read with batch size P x `batch_size`: the same images in the
@@ -137,17 +253,16 @@ def make_dataset(
             corpus_dir, len(keys), modality, batch_size, process_count,
         )  # fmt: skip
 
-    shard_paths = [
-        os.path.join(corpus_dir, shard["file"])
-        for shard in summary["shards"]
-        if shard["num_records"] > 0
-    ]
-    read = ReadImageBatch(shard_paths, image_size, summary["channels"], channels)
+    shards = [shard for shard in summary["shards"] if shard["num_records"] > 0]
+    read = ReadImageBatch(
+        [os.path.join(corpus_dir, shard["file"]) for shard in shards],
+        [shard["num_records"] for shard in shards],
+        image_size,
+        summary["channels"],
+        channels,
+    )
 
-    # NOTE: Grain's index_shuffle costs about 10 us per record over 2.5M keys but about 1 ms
-    # over 59 keys (grain 0.2.18, measured on a shared 2-core CPU), so tiny corpora read slowly.
-    dataset = grain.MapDataset.source(keys).seed(seed).shuffle().repeat()
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = grain.MapDataset.source(ShuffledKeyBatches(keys, batch_size, seed))
     dataset = dataset[process_index::process_count]
     return dataset.map(read)
 
@@ -181,6 +296,7 @@ def make_train_iterator(
     )
     buffer_size = max(1, int(data_config.prefetch_buffer_size))
     # Each element is a whole batch, so a small thread pool and buffer keep memory bounded.
+    # 1, 2 and 4 threads gave the same images/s on a shared 2-core CPU.
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=buffer_size)
     iterable = dataset.to_iter_dataset(read_options)
     if data_config.num_workers > 0:
