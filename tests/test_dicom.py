@@ -120,6 +120,88 @@ def test_palette_ultrasound_two_frames():
     assert luminance(frames[1]).max() > 0.5
 
 
+@pytest.mark.parametrize("name", ["OBXXXX1A_2frame.dcm", "gdcm-US-ALOKA-16.dcm"])
+def test_palette_equals_pydicom(name):
+    # 8-bit indices with a plain palette, 16-bit indices with a segmented one.
+    ds = read(name)
+    frame = ds.pixel_array[0] if ds.pixel_array.ndim == 3 else ds.pixel_array
+    dicom.clear_palette_cache()
+    unit = dicom.frame_to_unit(frame, ds, 0, OPTIONS)
+    rgb = pydicom.pixels.apply_color_lut(frame, ds).astype(np.float64) / 65535.0
+    np.testing.assert_array_equal(unit, rgb.astype(np.float32))
+
+
+def test_palette_cache_keyed_by_content():
+    # Expanded palettes are reused across files, but never for a file with another palette.
+    original = read("OBXXXX1A_2frame.dcm")
+    reversed_red = read("OBXXXX1A_2frame.dcm")
+    red = np.frombuffer(reversed_red.RedPaletteColorLookupTableData, dtype="<u2")
+    reversed_red.RedPaletteColorLookupTableData = red[::-1].tobytes()
+    frame = original.pixel_array[0]
+
+    dicom.clear_palette_cache()
+    for ds in (original, reversed_red, original):
+        unit = dicom.frame_to_unit(frame, ds, 0, OPTIONS)
+        rgb = pydicom.pixels.apply_color_lut(frame, ds).astype(np.float64) / 65535.0
+        np.testing.assert_array_equal(unit, rgb.astype(np.float32))
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_window_table_equals_per_pixel(function, photometric):
+    # A 512 x 512 signed CT frame goes through a table of its stored values. The result must
+    # equal windowing every pixel, bit for bit.
+    ds = read("693_UNCR.dcm")
+    ds.RescaleSlope, ds.RescaleIntercept = 0.75, -1000.5
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = -200.0, 1500.0, function
+    ds.PhotometricInterpretation = photometric
+    frame = ds.pixel_array
+    unit = dicom.frame_to_unit(frame, ds, 0, OPTIONS)
+
+    values = pydicom.pixels.apply_modality_lut(frame, ds)
+    expected = dicom.apply_window(values, -200.0, 1500.0, function)
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    assert frame.min() < 0 < frame.max()
+    np.testing.assert_array_equal(unit, expected)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high"),
+    [
+        ("uint8", 0, 255),  # Table from 0, indexed by the stored values.
+        ("uint16", 40000, 44000),  # Table from the minimum.
+        (">u2", 100, 3000),  # Big-endian stored values.
+        ("int16", -20000, 20000),  # Offsets past the int16 maximum wrap to unsigned.
+        ("int32", 2**31 - 4000, 2**31 - 1),  # Offsets near the top of the dtype.
+    ],
+)
+def test_map_stored_values_table(dtype, low, high):
+    stored = np.random.default_rng(0).integers(low, high, (300, 300), endpoint=True).astype(dtype)
+    sizes = []
+
+    def function(values):
+        sizes.append(values.size)
+        return (np.sqrt(np.abs(values.astype(np.float64))) * 0.1).astype(np.float32)
+
+    mapped = dicom.map_stored_values(stored, function)
+    assert sizes[0] < stored.size  # The function ran on a table, not on the frame.
+    np.testing.assert_array_equal(mapped, function(stored))
+
+
+def test_map_stored_values_wide_range_direct():
+    stored = np.arange(-50, 50, dtype=np.int32) * 1000  # 100 pixels spanning 99,001 values.
+    sizes = []
+
+    def function(values):
+        sizes.append(values.size)
+        return values.astype(np.float32) / 7.0
+
+    mapped = dicom.map_stored_values(stored, function)
+    np.testing.assert_array_equal(mapped, stored.astype(np.float32) / 7.0)
+    assert sizes == [stored.size]
+
+
 def test_ybr_multiframe_luminance_is_y():
     path = get_testdata_file("examples_ybr_color.dcm")
     decoded = dicom.decode_dicom(path, OPTIONS)

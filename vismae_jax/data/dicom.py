@@ -5,6 +5,9 @@ enhanced multi-frame objects) -> VOI transform to [0, 1] (the first window, or t
 LUT) -> MONOCHROME1 inversion -> luminance unless colour is kept -> resize -> uint8.
 """
 
+import collections
+import functools
+import hashlib
 import io
 import logging
 import struct
@@ -28,6 +31,7 @@ from vismae_jax.data.images import (
     check_frame_size,
     percentile_window,
     pixel_hash,
+    range_to_unit,
     select_frames,
     to_stored_image,
 )
@@ -214,16 +218,18 @@ def apply_voi_lut_sequence(values: np.ndarray, attributes: Dataset) -> np.ndarra
     return ((table[indices] - low) / (high - low)).astype(np.float32)
 
 
-def voi_to_unit(values: np.ndarray, attributes: Dataset, modality: str, options: DecodeOptions):
-    """Apply the VOI transform of the header, or the configured default, giving [0, 1].
+def voi_function(attributes: Dataset, modality: str, options: DecodeOptions):
+    """Return the VOI transform of the header, or the configured default, as a function.
 
-    Order of preference: VOI LUT Sequence, the first Window Center/Width pair, the CT default
-    window (`options.ct_window`) for CT, the percentile range (`options.percentiles`) otherwise.
+    The function maps modality LUT output values elementwise to float32 in [0, 1]. Order of
+    preference: VOI LUT Sequence, the first Window Center/Width pair, the CT default window
+    (`options.ct_window`) for CT. Returns None when the percentile range applies instead, which
+    depends on the statistics of the whole frame.
     """
     if attributes.get("VOILUTSequence"):
         item = attributes.VOILUTSequence[0]
         if item.get("LUTDescriptor") and item.get("LUTData") is not None:
-            return apply_voi_lut_sequence(values, attributes)
+            return functools.partial(apply_voi_lut_sequence, attributes=attributes)
 
     center = attributes.get("WindowCenter")
     width = attributes.get("WindowWidth")
@@ -231,25 +237,137 @@ def voi_to_unit(values: np.ndarray, attributes: Dataset, modality: str, options:
         center, width = _first_value(center), _first_value(width)
         if width >= 1.0:
             function = str(attributes.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-            return apply_window(values, center, width, function)
+            return functools.partial(apply_window, center=center, width=width, function=function)
 
     if modality == "ct":
         center, width = options.ct_window
-        return apply_window(values, center, width, "LINEAR")
-    return percentile_window(values, options.percentiles)
+        return functools.partial(apply_window, center=center, width=width, function="LINEAR")
+    return None
+
+
+def voi_to_unit(values: np.ndarray, attributes: Dataset, modality: str, options: DecodeOptions):
+    """Apply the VOI transform of the header, or the configured default, giving [0, 1].
+
+    Order of preference: VOI LUT Sequence, the first Window Center/Width pair, the CT default
+    window (`options.ct_window`) for CT, the percentile range (`options.percentiles`) otherwise.
+    """
+    voi = voi_function(attributes, modality, options)
+    if voi is None:
+        return percentile_window(values, options.percentiles)
+    return voi(values)
+
+
+def _unsigned_offsets(values: np.ndarray, low: int) -> np.ndarray:
+    """Return `values - low` as unsigned integers of the same width as the integer `values`.
+
+    The subtraction wraps modulo 2**bits, which is exact for every value in [low, low + 2**bits).
+    """
+    native = values.astype(values.dtype.newbyteorder("="), copy=False)
+    unsigned = np.dtype(f"u{native.dtype.itemsize}")
+    return native.view(unsigned) - unsigned.type(low % 2 ** (8 * unsigned.itemsize))
+
+
+def map_stored_values(stored: np.ndarray, function) -> np.ndarray:
+    """Return `function(stored)`, computed through a lookup table when that takes less work.
+
+    stored: stored values of any shape and dtype. function: maps each element on its own, with
+    no statistics over the array. When `stored` is an integer array whose value range spans at
+    most half as many values as it has elements, `function` runs once per value of that range
+    and the result is gathered from that table, so it equals `function(stored)` bit for bit.
+    """
+    if stored.dtype.kind not in "iu" or stored.size == 0:
+        return function(stored)
+    low, high = int(stored.min()), int(stored.max())
+    if 2 * (high - low + 1) > stored.size:
+        return function(stored)
+
+    if stored.dtype.kind == "u" and 2 * (high + 1) <= stored.size:
+        low = 0  # Index with the stored values themselves, saving a subtraction per pixel.
+    table = function(np.arange(low, high + 1).astype(stored.dtype))
+    offsets = stored if low == 0 else _unsigned_offsets(stored, low)
+    return np.take(table, offsets, axis=0)
+
+
+def _integer_to_unit(values: np.ndarray, scale: float) -> np.ndarray:
+    """Divide colour samples by their full-scale value, giving float32 clipped to [0, 1]."""
+    return (values.astype(np.float64) / max(float(scale), 1.0)).clip(0.0, 1.0).astype(np.float32)
+
+
+# Elements that pydicom's apply_color_lut reads, besides the byte order of the file.
+_PALETTE_KEYWORDS = (
+    "PixelPresentation",
+    "RedPaletteColorLookupTableDescriptor",
+    "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData",
+    "BluePaletteColorLookupTableData",
+    "AlphaPaletteColorLookupTableData",
+    "SegmentedRedPaletteColorLookupTableData",
+    "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
+    "SegmentedAlphaPaletteColorLookupTableData",
+)
+# Expanded palettes, keyed by a digest of the palette elements. Files from one scanner share a
+# palette, and pydicom 3.0.2 expands a segmented palette in Python: about 30 ms for
+# gdcm-US-ALOKA-16.dcm, longer than the rest of that file's decoding. 8 tables of
+# 65536 x 4 float32 entries take at most 8 MiB.
+_PALETTE_TABLES: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+_PALETTE_CACHE_SIZE = 8
+
+
+def _palette_key(ds: Dataset, dtype: np.dtype) -> bytes:
+    """Digest of everything the expanded palette depends on, for indices of `dtype`."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{dtype.str}{ds.original_encoding}".encode())
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is not None:
+        digest.update(str(getattr(file_meta, "_tsyntax_encoding", None)).encode())
+    for keyword in _PALETTE_KEYWORDS:
+        value = ds.get(keyword)
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = list(value)
+        data = value if isinstance(value, bytes) else repr(value).encode()
+        digest.update(f"{keyword}:{len(data)}:".encode())
+        digest.update(data)
+    return digest.digest()
+
+
+def _palette_to_unit(frame: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Apply the palette colour LUT to indices [H, W], giving float32 [H, W, C] in [0, 1].
+
+    8- and 16-bit indices go through a table of every possible index, expanded once per
+    palette with pydicom's apply_color_lut, so values equal those of apply_color_lut itself.
+    """
+    if frame.dtype.kind not in "iu" or frame.dtype.itemsize > 2:
+        return _apply_palette(frame, ds)
+    dtype = frame.dtype.newbyteorder("=")
+    key = _palette_key(ds, dtype)
+    table = _PALETTE_TABLES.get(key)
+    if table is None:
+        info = np.iinfo(dtype)
+        table = _apply_palette(np.arange(info.min, info.max + 1).astype(dtype), ds)
+        _PALETTE_TABLES[key] = table
+        if len(_PALETTE_TABLES) > _PALETTE_CACHE_SIZE:
+            _PALETTE_TABLES.popitem(last=False)
+    else:
+        _PALETTE_TABLES.move_to_end(key)
+    low = int(np.iinfo(dtype).min)
+    return np.take(table, frame if low == 0 else _unsigned_offsets(frame, low), axis=0)
+
+
+def _apply_palette(indices: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map palette indices to RGB (or RGBA) float32 in [0, 1] with pydicom's apply_color_lut."""
+    # NOTE: pydicom 3.0.2 reads OW palette tables of big-endian files in little-endian byte
+    # order, so OBXXXX1A_expb.dcm decodes almost black; big endian is retired since 2004.
+    rgb = apply_color_lut(indices, ds)
+    scale = np.iinfo(rgb.dtype).max if np.issubdtype(rgb.dtype, np.integer) else rgb.max()
+    return _integer_to_unit(rgb, scale)
 
 
 def _colour_to_unit(frame: np.ndarray, ds: Dataset, photometric: str) -> np.ndarray:
     """Scale an RGB (or palette) frame to float [H, W, 3] in [0, 1]."""
     if photometric == "PALETTE COLOR":
-        # NOTE: pydicom 3.0.2 reads OW palette tables of big-endian files in little-endian byte
-        # order, so OBXXXX1A_expb.dcm decodes almost black; big endian is retired since 2004.
-        rgb = apply_color_lut(frame, ds)
-        scale = np.iinfo(rgb.dtype).max if np.issubdtype(rgb.dtype, np.integer) else rgb.max()
-    else:
-        rgb = frame
-        scale = 2 ** int(ds.get("BitsStored", 8)) - 1
-    return (rgb.astype(np.float64) / max(float(scale), 1.0)).clip(0.0, 1.0).astype(np.float32)
+        return _palette_to_unit(frame, ds)
+    return _integer_to_unit(frame, 2 ** int(ds.get("BitsStored", 8)) - 1)
 
 
 def frame_to_unit(frame: np.ndarray, ds: Dataset, index: int, options: DecodeOptions):
@@ -263,12 +381,17 @@ def frame_to_unit(frame: np.ndarray, ds: Dataset, index: int, options: DecodeOpt
         return _colour_to_unit(frame, ds, photometric)
 
     attributes = frame_attributes(ds, index)
-    values = apply_modality_lut(frame, attributes)
     modality = corpus_modality(ds.get("Modality"))
-    unit = voi_to_unit(values, attributes, modality, options)
-    if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit
+    voi = voi_function(attributes, modality, options)
+    if voi is None:
+        low, high = np.percentile(apply_modality_lut(frame, attributes), options.percentiles)
+        voi = functools.partial(range_to_unit, low=low, high=high)
+
+    def stored_to_unit(stored: np.ndarray) -> np.ndarray:
+        unit = voi(apply_modality_lut(stored, attributes))
+        return 1.0 - unit if photometric == "MONOCHROME1" else unit
+
+    return map_stored_values(frame, stored_to_unit)
 
 
 def _positive_int(ds: Dataset, keyword: str) -> int:
@@ -416,3 +539,8 @@ def decode_dicom(path: str | BinaryIO, options: DecodeOptions) -> DecodedFile:
             frames=frames,
             sop_instance_uid=str(ds.get("SOPInstanceUID", "") or "") or None,
         )
+
+
+def clear_palette_cache() -> None:
+    """Forget the expanded palettes kept across files (benchmarks time each run from cold)."""
+    _PALETTE_TABLES.clear()

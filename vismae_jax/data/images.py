@@ -80,7 +80,7 @@ def pixel_hash(pixels: np.ndarray) -> str:
     native = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("="))
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{native.dtype.str}{native.shape}".encode())
-    digest.update(native.tobytes())
+    digest.update(native.reshape(-1).view(np.uint8))  # The buffer itself, without a copy.
     return digest.hexdigest()
 
 
@@ -100,6 +100,14 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
 def percentile_window(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
     """Map the [low, high] percentile range of `values` linearly to [0, 1], clipping outside."""
     low, high = np.percentile(values, percentiles)
+    return range_to_unit(values, low, high)
+
+
+def range_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly to float32 [0, 1], clipping outside; all zeros if high <= low.
+
+    Elementwise: each output depends on its own input value only.
+    """
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32)
     scaled = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
