@@ -176,7 +176,8 @@ def test_window_table_equals_per_pixel(function, photometric):
         ("int32", 2**31 - 4000, 2**31 - 1),  # Offsets near the top of the dtype.
     ],
 )
-def test_map_stored_values_table(dtype, low, high):
+def test_map_stored_values_table(dtype, low, high, monkeypatch):
+    monkeypatch.setattr(dicom, "_GATHER_CHUNK", 7001)  # Many chunks and a shorter last one.
     stored = np.random.default_rng(0).integers(low, high, (300, 300), endpoint=True).astype(dtype)
     sizes = []
 

@@ -284,8 +284,25 @@ def map_stored_values(stored: np.ndarray, function) -> np.ndarray:
     if stored.dtype.kind == "u" and 2 * (high + 1) <= stored.size:
         low = 0  # Index with the stored values themselves, saving a subtraction per pixel.
     table = function(np.arange(low, high + 1).astype(stored.dtype))
-    offsets = stored if low == 0 else _unsigned_offsets(stored, low)
-    return np.take(table, offsets, axis=0)
+    return _gather(table, stored, low)
+
+
+# Elements gathered per np.take call: its int64 copy of the indices (1 MiB) stays in the CPU
+# cache, and an 8192 x 8192 frame needs no 512 MiB copy of them.
+_GATHER_CHUNK = 2**17
+
+
+def _gather(table: np.ndarray, stored: np.ndarray, low: int) -> np.ndarray:
+    """Return table[stored - low] for integer `stored` within [low, low + len(table))."""
+    out = np.empty(stored.shape + table.shape[1:], dtype=table.dtype)
+    flat_out = out.reshape((-1,) + table.shape[1:])
+    flat_stored = stored.reshape(-1)  # A copy only when `stored` is not contiguous.
+    for start in range(0, flat_stored.size, _GATHER_CHUNK):
+        chunk = flat_stored[start : start + _GATHER_CHUNK]
+        offsets = chunk if low == 0 else _unsigned_offsets(chunk, low)
+        # Every offset is in range, so "clip" changes nothing and lets np.take skip buffering.
+        np.take(table, offsets, axis=0, out=flat_out[start : start + _GATHER_CHUNK], mode="clip")
+    return out
 
 
 def _integer_to_unit(values: np.ndarray, scale: float) -> np.ndarray:
@@ -350,8 +367,7 @@ def _palette_to_unit(frame: np.ndarray, ds: Dataset) -> np.ndarray:
             _PALETTE_TABLES.popitem(last=False)
     else:
         _PALETTE_TABLES.move_to_end(key)
-    low = int(np.iinfo(dtype).min)
-    return np.take(table, frame if low == 0 else _unsigned_offsets(frame, low), axis=0)
+    return _gather(table, frame, int(np.iinfo(dtype).min))
 
 
 def _apply_palette(indices: np.ndarray, ds: Dataset) -> np.ndarray:
