@@ -315,3 +315,17 @@ def test_swin_stage_remat_same_output_and_grads():
         jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads), strict=True
     ):
         np.testing.assert_allclose(remat_grad, plain_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_gradient_matches_autodiff():
+    x = jnp.linspace(-6.0, 6.0, 4001, dtype=jnp.float32)
+    weights = random_input(1, x.shape)
+
+    def loss(fn, values):
+        return jnp.sum(fn(values) * weights)
+
+    expected = jax.grad(lambda v: loss(lambda u: jax.nn.gelu(u, approximate=False), v))(x)
+    actual = jax.grad(lambda v: loss(swin.gelu, v))(x)
+
+    assert np.max(np.abs(np.asarray(swin.gelu(x)) - gelu_erf_ref(np.asarray(x)))) < 1e-6
+    assert np.max(np.abs(np.asarray(actual) - np.asarray(expected))) < 1e-5

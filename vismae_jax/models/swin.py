@@ -20,6 +20,8 @@ import numpy as np
 LAYER_NORM_EPSILON = 1e-6
 # Logit offset between tokens of different regions in a shifted window (finite, not -inf).
 SHIFTED_WINDOW_MASK_VALUE = -100.0
+_SQRT_HALF = 0.5**0.5
+_INV_SQRT_2PI = (2.0 * np.pi) ** -0.5
 
 Dtype = Any  # A JAX dtype or its name, e.g. jnp.bfloat16 or "bfloat16".
 
@@ -108,6 +110,37 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
     return mask
 
 
+def _normal_cdf(x: jax.Array) -> jax.Array:
+    """Standard normal CDF Phi(x) = (1 + erf(x / sqrt(2))) / 2."""
+    half = jnp.asarray(0.5, x.dtype)
+    return half + half * jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype))
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x), with a hand-written derivative Phi(x) + x * phi(x).
+
+    Same values as `jax.nn.gelu(x, approximate=False)` to float rounding. Autodiff of that
+    function goes through erfc; on one CPU core its forward and backward pass over 4.8M float32
+    values took 36.5 ms, against 17 ms for this pair.
+    """
+    return x * _normal_cdf(x)
+
+
+def _gelu_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    cdf = _normal_cdf(x)
+    return x * cdf, (x, cdf)
+
+
+def _gelu_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+    x, cdf = residuals
+    density = jnp.asarray(_INV_SQRT_2PI, x.dtype) * jnp.exp(jnp.asarray(-0.5, x.dtype) * x * x)
+    return (grad * (cdf + x * density),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
 def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     """Stochastic depth: zero whole samples of a residual branch with probability `rate`.
 
@@ -116,7 +149,9 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     keep_probability = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     keep = jax.random.bernoulli(rng, keep_probability, shape)
-    return jnp.where(keep, x / jnp.asarray(keep_probability, x.dtype), jnp.zeros_like(x))
+    # One multiply by a per-sample factor, 0 or 1 / keep_probability, in both passes.
+    scale = keep.astype(x.dtype) * jnp.asarray(1.0 / keep_probability, x.dtype)
+    return x * scale
 
 
 class PatchEmbed(nn.Module):
@@ -171,21 +206,22 @@ class WindowAttention(nn.Module):
             nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init
         )
 
-        # qkv output features are ordered (q|k|v, head, head_dim).
+        # qkv output features are ordered (q|k|v, head, head_dim). One transpose puts heads
+        # before tokens, so both products below batch over leading (batch, window, head) axes.
         qkv = dense(3 * channels, name="qkv")(windows)
         qkv = qkv.reshape(batch, num_windows, num_tokens, 3, self.num_heads, head_dim)
-        query, key, value = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        query, key, value = jnp.unstack(qkv.transpose(3, 0, 1, 4, 2, 5), axis=0)
         query = query * jnp.asarray(head_dim**-0.5, query.dtype)
 
-        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", query, key, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bwhqd,bwhkd->bwhqk", query, key, preferred_element_type=jnp.float32)
         logits = logits + self.relative_position_bias()
         if mask is not None:
             logits = logits + mask[:, None]
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
 
         # Heads are merged head-major: feature = head * head_dim + d.
-        out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, value)
-        out = out.reshape(batch, num_windows, num_tokens, channels)
+        out = jnp.einsum("bwhqk,bwhkd->bwhqd", weights, value)
+        out = out.transpose(0, 1, 3, 2, 4).reshape(batch, num_windows, num_tokens, channels)
         return dense(channels, name="proj")(out)
 
     def relative_position_bias(self) -> jax.Array:
@@ -218,7 +254,7 @@ class Mlp(nn.Module):
             nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init
         )
         y = dense(self.hidden_dim, name="fc1")(x)
-        y = nn.gelu(y, approximate=False)
+        y = gelu(y)
         return dense(x.shape[-1], name="fc2")(y)
 
 
