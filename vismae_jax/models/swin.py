@@ -122,20 +122,19 @@ def gelu(x: jax.Array) -> jax.Array:
 
     Same values as `jax.nn.gelu(x, approximate=False)` to float rounding. Autodiff of that
     function goes through erfc; on one CPU core its forward and backward pass over 4.8M float32
-    values took 36.5 ms, against 17 ms for this pair.
+    values took 36.5 ms, against 12.4 ms for this pair. The backward pass recomputes Phi from x,
+    which keeps one residual instead of two and was faster than saving Phi (17.1 ms).
     """
     return x * _normal_cdf(x)
 
 
-def _gelu_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    cdf = _normal_cdf(x)
-    return x * cdf, (x, cdf)
+def _gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return x * _normal_cdf(x), x
 
 
-def _gelu_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
-    x, cdf = residuals
+def _gelu_backward(x: jax.Array, grad: jax.Array) -> tuple[jax.Array]:
     density = jnp.asarray(_INV_SQRT_2PI, x.dtype) * jnp.exp(jnp.asarray(-0.5, x.dtype) * x * x)
-    return (grad * (cdf + x * density),)
+    return (grad * (_normal_cdf(x) + x * density),)
 
 
 gelu.defvjp(_gelu_forward, _gelu_backward)
