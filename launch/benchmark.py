@@ -10,6 +10,12 @@ and reporting medians over repeats:
   prepare   DICOM slices/s per core of vismae_jax.data.prepare against a plain pydicom + Pillow
             loop (decode, rescale, window, resize, PNG file) over the same demo files.
 
+`--parts=profile` (not in the default set) profiles one train step of each side with
+jax.profiler and torch.profiler and splits its time into matrix products, layout copies and
+other work, the breakdown behind the train-step ratio. Run it with --threads=1: with more
+threads, XLA's op times add up over its worker threads while PyTorch's do not. Its ratio column
+is PyTorch's seconds over ours, so above 1 means the JAX step spends less time there.
+
 `--suite=gpu` instead sweeps per-device batch sizes of the JAX step on one accelerator in
 bfloat16, with device-resident synthetic batches and then fed by the real pipeline, and
 reports images/s and MFU (launch/gpu_benchmark.sh runs it).
@@ -262,6 +268,101 @@ def bench_train(threads: list[int]) -> dict[str, Any]:
         "jax_compile_seconds": jax_step.compile_seconds,
         "jax_device_kind": jax.devices()[0].device_kind,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Where a train step's time goes
+
+TORCH_MATMUL_OPS = {
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution",
+    "aten::convolution_backward", "aten::_convolution",
+}  # fmt: skip
+TORCH_COPY_OPS = {"aten::copy_", "aten::cat", "aten::clone", "aten::contiguous"}
+
+
+def _matmul_computations(hlo_text: str) -> set[str]:
+    """Return the names of HLO computations whose body holds a dot or a convolution."""
+    names, current = set(), None
+    for line in hlo_text.splitlines():
+        if line and not line.startswith(" ") and "{" in line:
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        elif current and (" dot(" in line or " convolution(" in line):
+            names.add(current)
+    return names
+
+
+def _classify_hlo_ops(hlo_text: str) -> dict[str, str]:
+    """Map each HLO instruction name to "matmul", "copy" or "other"."""
+    matmul_bodies = _matmul_computations(hlo_text)
+    kinds = {}
+    for line in hlo_text.splitlines():
+        parts = line.strip().removeprefix("ROOT ").split(" = ", 1)
+        if len(parts) != 2 or not parts[0].startswith("%"):
+            continue
+        name = parts[0].lstrip("%")
+        called = parts[1].split("calls=%", 1)[1].split(",")[0] if "calls=%" in parts[1] else ""
+        if (
+            " dot(" in f" {parts[1]}"
+            or " convolution(" in f" {parts[1]}"
+            or (called in matmul_bodies)
+        ):
+            kinds[name] = "matmul"
+        elif "copy" in name or "transpose" in name:
+            kinds[name] = "copy"
+        else:
+            kinds[name] = "other"
+    return kinds
+
+
+def profile_jax_step(step: JaxTrainStep, steps: int, trace_dir: pathlib.Path) -> dict[str, float]:
+    """Seconds per step that XLA's CPU ops spend in matmuls, copies and other work."""
+    import jax
+    from jax.profiler import ProfileData
+
+    with jax.profiler.trace(str(trace_dir)):
+        step.run(steps)
+    kinds = _classify_hlo_ops(step.compiled.as_text())
+    totals = {"matmul": 0.0, "copy": 0.0, "other": 0.0}
+    for path in trace_dir.rglob("*.xplane.pb"):
+        for plane in ProfileData.from_file(str(path)).planes:
+            for line in plane.lines:
+                for event in line.events:
+                    if event.name in kinds:
+                        totals[kinds[event.name]] += event.duration_ns * 1e-9 / steps
+    return totals
+
+
+def profile_torch_step(step: TorchTrainStep, steps: int) -> dict[str, float]:
+    """Seconds per step that PyTorch's operators spend (self time) in matmuls, copies, other."""
+    from torch import profiler
+
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
+        step.run(steps)
+    totals = {"matmul": 0.0, "copy": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        kind = "matmul" if event.key in TORCH_MATMUL_OPS else "other"
+        kind = "copy" if event.key in TORCH_COPY_OPS else kind
+        totals[kind] += event.self_cpu_time_total * 1e-6 / steps
+    return totals
+
+
+def bench_profile(threads: list[int], scratch: pathlib.Path) -> dict[str, Any]:
+    """Profile both train steps (batch and size as for `train`); return seconds per category."""
+    import torch
+
+    torch.set_num_threads(len(threads))
+    config = pretrain_config(RESOLUTION.value, "float32", REMAT.value)
+    jax_step = JaxTrainStep(config, BATCH_SIZE.value)
+    torch_step = TorchTrainStep(config, BATCH_SIZE.value)
+    jax_step.run(1)
+    torch_step.run(1)
+    steps = max(1, STEPS.value)
+    result = {
+        "jax": profile_jax_step(jax_step, steps, scratch / "jax_trace"),
+        "torch": profile_torch_step(torch_step, steps),
+    }
+    result.update(batch=BATCH_SIZE.value, threads=len(threads), image_size=RESOLUTION.value)
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,6 +720,11 @@ def _cpu_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ours, theirs = prep["slices_per_s_per_core"], prep["baseline_slices_per_s_per_core"]
         label = "prepare slices/s per core"
         rows.append((label, f"{ours:.1f}", f"pydicom+Pillow {theirs:.1f}", _ratio(ours, theirs)))
+    if profile := results.get("profile"):
+        for kind in ("matmul", "copy", "other"):
+            ours, theirs = profile["jax"][kind], profile["torch"][kind]
+            label = f"train step s in {kind} ops (profiled, batch {profile['batch']})"
+            rows.append((label, f"{ours:.3f}", f"PyTorch twin {theirs:.3f}", _ratio(theirs, ours)))
     return rows
 
 
@@ -690,6 +796,9 @@ def main(argv: list[str]) -> None:
             if "prepare" in parts:
                 print("Preparation against a plain loop ...", flush=True)
                 results["prepare"] = bench_prepare()
+            if "profile" in parts:
+                print("Profiling one train step of each side ...", flush=True)
+                results["profile"] = bench_profile(threads, pathlib.Path(scratch))
 
     results["machine"] = machine_info(threads)
     table = format_table(results)
