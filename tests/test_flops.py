@@ -178,3 +178,21 @@ def test_benchmark_help():
         [sys.executable, str(script), "--helpshort"], capture_output=True, text=True, timeout=60
     )
     assert "--json" in result.stdout
+
+
+def test_benchmark_sorts_hlo_ops_into_matmul_copy_other():
+    # The profile part of the benchmark splits a step's time by these kinds; check them on a
+    # real compiled program: a matrix product, a transposed copy and an addition.
+    script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "benchmark.py"
+    code = (
+        "import sys, jax, jax.numpy as jnp; sys.argv = ['benchmark']; "
+        f"sys.path.insert(0, {str(script.parent)!r}); import benchmark; "
+        "f = jax.jit(lambda a, b: (a @ a, b.transpose(2, 0, 1), a + 2.0)); "
+        "x, y = jnp.ones((64, 64)), jnp.ones((8, 16, 32)); "
+        "kinds = benchmark._classify_hlo_ops(f.lower(x, y).compile().as_text()); "
+        "print(sorted(set(kinds.values())))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "['copy', 'matmul', 'other']"
