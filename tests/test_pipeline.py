@@ -1,6 +1,9 @@
 """Grain pipeline over a prepared demo corpus: batches, process sharding, shuffling, resume."""
 
 import json
+import os
+import pickle
+import resource
 import shutil
 
 import grain
@@ -212,6 +215,55 @@ def test_record_size_mismatch_raises(corpus, tmp_path):
     edited = edited_corpus(corpus, tmp_path, image_size=32)
     with pytest.raises(ValueError, match="4096 bytes, not 32x32x1"):
         next(iter(pipeline.make_dataset(edited, batch_size=2, image_size=32, channels=1, seed=0)))
+
+
+def test_summary_count_mismatch_raises(corpus, tmp_path):
+    # More images than the shards contain would address records past the last shard.
+    edited = edited_corpus(corpus, tmp_path, num_images=pipeline.corpus_size(corpus) + 5)
+    with pytest.raises(ValueError, match="summary.json lists .* but its shards contain"):
+        make_iterator(edited, 4)
+
+
+def test_manifest_rows_mismatch_raises(corpus, tmp_path):
+    edited = edited_corpus(corpus, tmp_path)
+    with open(f"{edited}/manifest.jsonl", "a", encoding="utf-8") as manifest:
+        manifest.write(json.dumps({"modality": "us"}) + "\n")
+    with pytest.raises(ValueError, match="manifest.jsonl has .* rows but summary.json lists"):
+        make_iterator(edited, 4, modality="us")
+
+
+def test_missing_shard_raises(corpus, tmp_path):
+    edited = edited_corpus(corpus, tmp_path)
+    first_shard = pipeline.read_summary(edited)["shards"][0]["file"]
+    os.remove(f"{edited}/{first_shard}")
+    iterator = make_iterator(edited, pipeline.corpus_size(edited))  # One epoch: every shard.
+    with pytest.raises(OSError, match="No such file or directory"):
+        next(iterator)
+
+
+@pytest.fixture
+def tight_open_file_limit():
+    """Lower the soft limit on open files to 2 above those open now; restore it afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+    yield hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_open_file_limit_fits_every_shard(corpus, tight_open_file_limit):
+    # Readers stay open, one per shard: the pipeline raises the soft limit to fit them all.
+    num_shards = len(pipeline.read_summary(corpus)["shards"])
+    if tight_open_file_limit < num_shards + pipeline.SPARE_FILE_DESCRIPTORS:
+        pytest.skip("hard limit on open files too low")
+    iterator = make_iterator(corpus, pipeline.corpus_size(corpus))  # One epoch: every shard.
+    assert next(iterator)["image"].shape[0] == pipeline.corpus_size(corpus)
+
+
+def test_worker_copy_raises_open_file_limit(corpus, tight_open_file_limit):
+    # Grain worker processes unpickle the reader: each one fits its readers too.
+    read = pipeline.ReadImageBatch([f"/shard-{i}" for i in range(50)], [1] * 50, 64, 1, 1)
+    pickle.loads(pickle.dumps(read))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 50 + pipeline.SPARE_FILE_DESCRIPTORS
 
 
 def test_modality_filter(corpus, record_table):

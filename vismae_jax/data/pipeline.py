@@ -8,6 +8,7 @@ happen on device in the train step.
 
 import json
 import os
+import resource
 import sys
 import threading
 from collections.abc import Sequence
@@ -21,6 +22,9 @@ MODALITIES = ("all", "mr", "ct", "pet", "xray", "us")
 
 # File buffer of each shard reader, bytes. Grain's ArrayRecordDataSource uses the same size.
 READER_BUFFER_BYTES = 32 * 1024
+
+# File descriptors left for everything else a training process opens, besides one per shard.
+SPARE_FILE_DESCRIPTORS = 256
 
 
 def read_summary(corpus_dir: str) -> dict:
@@ -39,19 +43,35 @@ def record_keys(corpus_dir: str, modality: str = "all") -> np.ndarray:
     """Return the global record keys (int64 [N]) of the images of `modality`, ascending.
 
     Record key k addresses the k-th image over all non-empty shards in shard order, which is
-    also the row order of manifest.jsonl.
+    also the row order of manifest.jsonl. Raises ValueError when summary.json or manifest.jsonl
+    disagree with the shard list, which would make keys point past the last record.
     """
     if modality not in MODALITIES:
         raise ValueError(f"Unknown modality {modality!r}; use one of {MODALITIES}.")
     summary = read_summary(corpus_dir)
+    num_images = summary["num_images"]
+    num_records = sum(shard["num_records"] for shard in summary["shards"])
+    if num_records != num_images:
+        raise ValueError(
+            f"{os.path.join(corpus_dir, 'summary.json')} lists {num_images} images but its "
+            f"shards contain {num_records} records; the file was edited or mixes two runs: prepare "
+            "the corpus again."
+        )
     if modality == "all":
-        return np.arange(summary["num_images"], dtype=np.int64)
+        return np.arange(num_images, dtype=np.int64)
 
     keys = []
-    with open(os.path.join(corpus_dir, "manifest.jsonl"), encoding="utf-8") as manifest:
-        for key, line in enumerate(manifest):
+    num_rows = 0
+    manifest_path = os.path.join(corpus_dir, "manifest.jsonl")
+    with open(manifest_path, encoding="utf-8") as manifest:
+        for num_rows, line in enumerate(manifest, start=1):
             if json.loads(line)["modality"] == modality:
-                keys.append(key)
+                keys.append(num_rows - 1)
+    if num_rows != num_images:
+        raise ValueError(
+            f"{manifest_path} has {num_rows} rows but summary.json lists {num_images} images; "
+            "the two come from different runs: prepare the corpus again."
+        )
     return np.asarray(keys, dtype=np.int64)
 
 
@@ -149,6 +169,7 @@ class ReadImageBatch(grain.transforms.Map):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        raise_open_file_limit(len(self.shard_paths))  # In each Grain worker process.
 
     def __repr__(self) -> str:
         return (
@@ -190,13 +211,15 @@ class ReadImageBatch(grain.transforms.Map):
                 # Random access: no readahead and no reader threads (read() runs in the caller,
                 # and Grain's prefetch threads call map() concurrently). A small file buffer
                 # keeps thousands of open shards cheap.
-                # NOTE: readers stay open, so each process holds one file descriptor per shard
-                # it has read; a corpus with more shards than `ulimit -n` allows fails here.
+                # Readers stay open, so each process keeps one file descriptor per shard it has
+                # read. `make_dataset` raises the soft limit on open files to fit them.
                 reader = array_record_module.ArrayRecordReader(
                     path,
                     "readahead_buffer_size:0,max_parallelism:0",
                     file_reader_buffer_size=READER_BUFFER_BYTES,
                 )
+                if not reader.ok():
+                    raise _open_error(path, reader, len(self.shard_paths))
                 if reader.num_records() != self.shard_sizes[shard]:
                     raise ValueError(
                         f"{path} has {reader.num_records()} records but summary.json lists "
@@ -205,6 +228,52 @@ class ReadImageBatch(grain.transforms.Map):
                     )
                 self._readers[shard] = reader
             return self._readers[shard]
+
+
+def _open_error(path: str, reader, num_shards: int) -> OSError:
+    """Return an error saying why `reader` failed to open the shard at `path`, and the fix."""
+    status = ""
+    try:
+        reader.read([])  # A reader that failed to open raises its status here, if it has one.
+    except RuntimeError as error:
+        status = str(error)
+
+    if "Too many open files" in status:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return OSError(
+            f"Cannot open {path}: this process reached its limit of {soft} open files (hard "
+            f"limit {hard}), and it keeps one reader open per shard of the {num_shards}. Raise "
+            f"the hard limit (`ulimit -Hn`) to at least {num_shards + SPARE_FILE_DESCRIPTORS}, "
+            "or prepare the corpus with a larger --files_per_shard."
+        )
+    status = status or "not a complete ArrayRecord file"
+    return OSError(
+        f"Cannot open {path} ({status}); the corpus changed after preparation, prepare it again."
+    )
+
+
+def raise_open_file_limit(num_shards: int) -> None:
+    """Raise this process's soft limit on open files to fit one reader per shard, if need be.
+
+    Worker processes started afterwards inherit the limit. The soft limit never exceeds the
+    hard one. When the hard limit is too low, logs a warning before any shard is opened.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    required = num_shards + SPARE_FILE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or soft >= required:
+        return
+
+    new_soft = required if hard == resource.RLIM_INFINITY else min(required, hard)
+    if new_soft > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+        logging.info("Raised the soft limit on open files from %d to %d.", soft, new_soft)
+    if new_soft < required:
+        logging.warning(
+            "%d shards need about %d open files per process, but the hard limit is %d: reading "
+            "fails once that many shards are open. Raise `ulimit -Hn` or prepare the corpus "
+            "with a larger --files_per_shard.",
+            num_shards, required, hard,
+        )  # fmt: skip
 
 
 def _check_corpus(summary: dict, corpus_dir: str, image_size: int, channels: int) -> None:
@@ -254,6 +323,7 @@ def make_dataset(
         )  # fmt: skip
 
     shards = [shard for shard in summary["shards"] if shard["num_records"] > 0]
+    raise_open_file_limit(len(shards))
     read = ReadImageBatch(
         [os.path.join(corpus_dir, shard["file"]) for shard in shards],
         [shard["num_records"] for shard in shards],
