@@ -166,6 +166,19 @@ def test_window_table_equals_per_pixel(function, photometric):
     np.testing.assert_array_equal(unit, expected)
 
 
+def test_window_width_one_is_threshold():
+    # LINEAR with width 1: values up to center - 0.5 map to 0, values above it to 1. The
+    # threshold falls exactly on a stored value here, which must give 0 and not NaN.
+    ds = read("MR_small.dcm")
+    frame = ds.pixel_array
+    threshold = int(np.median(frame))
+    ds.WindowCenter, ds.WindowWidth = threshold + 0.5, 1.0
+    unit = dicom.frame_to_unit(frame, ds, 0, OPTIONS)
+
+    assert (frame == threshold).any()
+    np.testing.assert_array_equal(unit, (frame > threshold).astype(np.float32))
+
+
 @pytest.mark.parametrize(
     ("dtype", "low", "high"),
     [
@@ -188,6 +201,13 @@ def test_map_stored_values_table(dtype, low, high, monkeypatch):
     mapped = dicom.map_stored_values(stored, function)
     assert sizes[0] < stored.size  # The function ran on a table, not on the frame.
     np.testing.assert_array_equal(mapped, function(stored))
+
+
+def test_map_stored_values_int64_maximum():
+    # The table runs up to the int64 maximum, where high + 1 no longer fits in int64.
+    stored = np.array([2**63 - 1, 2**63 - 2] * 8, dtype=np.int64)
+    mapped = dicom.map_stored_values(stored, lambda values: (values % 1000).astype(np.float32))
+    np.testing.assert_array_equal(mapped, np.array([807, 806] * 8, dtype=np.float32))
 
 
 def test_map_stored_values_wide_range_direct():

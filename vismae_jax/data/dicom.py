@@ -184,6 +184,10 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str)
         mapped = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "LINEAR_EXACT":
         mapped = (values - center) / width + 0.5
+    elif width == 1.0:
+        # A threshold: values up to center - 0.5 map to 0, values above it to 1. The formula
+        # below would divide 0 by 0 for a value of exactly center - 0.5.
+        mapped = (values > center - 0.5).astype(np.float64)
     else:
         mapped = (values - (center - 0.5)) / (width - 1.0) + 0.5
     return np.clip(mapped, 0.0, 1.0).astype(np.float32)
@@ -283,8 +287,21 @@ def map_stored_values(stored: np.ndarray, function) -> np.ndarray:
 
     if stored.dtype.kind == "u" and 2 * (high + 1) <= stored.size:
         low = 0  # Index with the stored values themselves, saving a subtraction per pixel.
-    table = function(np.arange(low, high + 1).astype(stored.dtype))
+    table = function(_value_range(low, high, stored.dtype))
     return _gather(table, stored, low)
+
+
+def _value_range(low: int, high: int, dtype: np.dtype) -> np.ndarray:
+    """Return the integers low, low + 1, ..., high as an array of the integer `dtype`.
+
+    The values are built in the unsigned type of the same width, so high may be the largest
+    value of a 64-bit dtype. There, np.arange(low, high + 1) would round through float64.
+    """
+    native = dtype.newbyteorder("=")
+    unsigned = np.dtype(f"u{native.itemsize}")
+    counts = np.arange(high - low + 1, dtype=unsigned)
+    values = counts + unsigned.type(low % 2 ** (8 * unsigned.itemsize))
+    return values.view(native).astype(dtype, copy=False)
 
 
 # Elements gathered per np.take call: its int64 copy of the indices (1 MiB) stays in the CPU
