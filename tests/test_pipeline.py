@@ -152,6 +152,11 @@ def test_same_seed_same_batches(corpus):
         np.testing.assert_array_equal(again, batch)
 
 
+def test_negative_seed_raises(corpus):
+    with pytest.raises(ValueError, match="seed >= 0, got -1"):
+        make_iterator(corpus, 4, seed=-1)
+
+
 def test_seed_changes_order(corpus):
     first = next(make_iterator(corpus, 8, seed=0))["image"]
     second = next(make_iterator(corpus, 8, seed=1))["image"]
