@@ -179,6 +179,17 @@ def test_window_width_one_is_threshold():
     np.testing.assert_array_equal(unit, (frame > threshold).astype(np.float32))
 
 
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_window_narrower_than_one(function):
+    # LINEAR_EXACT and SIGMOID accept any positive width, unlike LINEAR.
+    ds = read("MR_small.dcm")
+    frame = ds.pixel_array
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 600.0, 0.5, function
+    unit = dicom.frame_to_unit(frame, ds, 0, OPTIONS)
+    expected = dicom.apply_window(frame, 600.0, 0.5, function)
+    np.testing.assert_array_equal(unit, expected)
+
+
 @pytest.mark.parametrize(
     ("dtype", "low", "high"),
     [

@@ -181,7 +181,9 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str)
     """
     values = values.astype(np.float64)
     if function == "SIGMOID":
-        mapped = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+        # Far below the center, exp overflows to inf, which gives the correct 0.
+        with np.errstate(over="ignore"):
+            mapped = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "LINEAR_EXACT":
         mapped = (values - center) / width + 0.5
     elif width == 1.0:
@@ -239,8 +241,10 @@ def voi_function(attributes: Dataset, modality: str, options: DecodeOptions):
     width = attributes.get("WindowWidth")
     if center is not None and width is not None and center != "" and width != "":
         center, width = _first_value(center), _first_value(width)
-        if width >= 1.0:
-            function = str(attributes.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        function = str(attributes.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        # The DICOM standard requires a width of at least 1 for LINEAR, and only a positive
+        # width for LINEAR_EXACT and SIGMOID.
+        if width >= 1.0 or (function in ("LINEAR_EXACT", "SIGMOID") and width > 0.0):
             return functools.partial(apply_window, center=center, width=width, function=function)
 
     if modality == "ct":
