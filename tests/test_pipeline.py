@@ -1,5 +1,6 @@
 """Grain pipeline over a prepared demo corpus: batches, process sharding, shuffling, resume."""
 
+import gc
 import json
 import os
 import pickle
@@ -248,9 +249,17 @@ def test_missing_shard_raises(corpus, tmp_path):
 
 @pytest.fixture
 def tight_open_file_limit():
-    """Lower the soft limit on open files to 2 above those open now; restore it afterwards."""
+    """Let this process open two more files at once; restore the limit afterwards.
+
+    That suffices to read summary.json, but not to keep the readers of the three shards open.
+    """
+    gc.collect()  # Close the readers of iterators that earlier tests left behind.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+    # open() returns the lowest free descriptor, and the limit caps descriptor numbers.
+    probes = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]
+    for probe in probes:
+        os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probes[2], hard))
     yield hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
@@ -260,8 +269,12 @@ def test_open_file_limit_fits_every_shard(corpus, tight_open_file_limit):
     num_shards = len(pipeline.read_summary(corpus)["shards"])
     if tight_open_file_limit < num_shards + pipeline.SPARE_FILE_DESCRIPTORS:
         pytest.skip("hard limit on open files too low")
-    iterator = make_iterator(corpus, pipeline.corpus_size(corpus))  # One epoch: every shard.
-    assert next(iterator)["image"].shape[0] == pipeline.corpus_size(corpus)
+    num_images = pipeline.corpus_size(corpus)
+    iterator = make_iterator(corpus, num_images)  # One epoch: every shard.
+
+    assert num_shards == 3
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= pipeline.SPARE_FILE_DESCRIPTORS + 3
+    assert next(iterator)["image"].shape[0] == num_images
 
 
 def test_worker_copy_raises_open_file_limit(corpus, tight_open_file_limit):
