@@ -281,7 +281,7 @@ TORCH_COPY_OPS = {"aten::copy_", "aten::cat", "aten::clone", "aten::contiguous"}
 
 
 def _matmul_computations(hlo_text: str) -> set[str]:
-    """Return the names of HLO computations whose body holds a dot or a convolution."""
+    """Return the names of HLO computations whose body contains a dot or a convolution."""
     names, current = set(), None
     for line in hlo_text.splitlines():
         if line and not line.startswith(" ") and "{" in line:
