@@ -181,8 +181,8 @@ def test_benchmark_help():
 
 
 def test_benchmark_sorts_hlo_ops_into_matmul_copy_other():
-    # The profile part of the benchmark splits a step's time by these kinds; check them on a
-    # real compiled program: a matrix product, a transposed copy and an addition.
+    # The benchmark's profile part splits a step's time into these kinds. A real compiled
+    # program with a matrix product, a transposed copy and an addition has all three.
     script = pathlib.Path(__file__).resolve().parents[1] / "launch" / "benchmark.py"
     code = (
         "import sys, jax, jax.numpy as jnp; sys.argv = ['benchmark']; "
