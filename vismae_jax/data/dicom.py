@@ -265,23 +265,34 @@ def voi_to_unit(values: np.ndarray, attributes: Dataset, modality: str, options:
     return voi(values)
 
 
+def _native_and_unsigned(dtype: np.dtype) -> tuple[np.dtype, np.dtype]:
+    """Return the integer `dtype` in native byte order and the unsigned dtype of its width."""
+    native = dtype.newbyteorder("=")
+    return native, np.dtype(f"u{native.itemsize}")
+
+
+def _as_unsigned(value: int, unsigned: np.dtype):
+    """Return `value` modulo 2**bits as a scalar of the dtype `unsigned`."""
+    return unsigned.type(value % 2 ** (8 * unsigned.itemsize))
+
+
 def _unsigned_offsets(values: np.ndarray, low: int) -> np.ndarray:
     """Return `values - low` as unsigned integers of the same width as the integer `values`.
 
     The subtraction wraps modulo 2**bits, which is exact for every value in [low, low + 2**bits).
     """
-    native = values.astype(values.dtype.newbyteorder("="), copy=False)
-    unsigned = np.dtype(f"u{native.dtype.itemsize}")
-    return native.view(unsigned) - unsigned.type(low % 2 ** (8 * unsigned.itemsize))
+    native, unsigned = _native_and_unsigned(values.dtype)
+    return values.astype(native, copy=False).view(unsigned) - _as_unsigned(low, unsigned)
 
 
 def map_stored_values(stored: np.ndarray, function) -> np.ndarray:
     """Return `function(stored)`, computed through a lookup table when that takes less work.
 
     stored: stored values of any shape and dtype. function: maps each element on its own, with
-    no statistics over the array. When `stored` is an integer array whose value range spans at
-    most half as many values as it has elements, `function` runs once per value of that range
-    and the result is gathered from that table, so it equals `function(stored)` bit for bit.
+    no statistics over the array. The table applies to integer arrays whose value range spans at
+    most half as many values as they have elements. `function` then runs once per value of that
+    range, and the result is gathered from that table, so it equals `function(stored)` bit for
+    bit.
     """
     if stored.dtype.kind not in "iu" or stored.size == 0:
         return function(stored)
@@ -301,10 +312,8 @@ def _value_range(low: int, high: int, dtype: np.dtype) -> np.ndarray:
     The values are built in the unsigned type of the same width, so high may be the largest
     value of a 64-bit dtype. There, np.arange(low, high + 1) would round through float64.
     """
-    native = dtype.newbyteorder("=")
-    unsigned = np.dtype(f"u{native.itemsize}")
-    counts = np.arange(high - low + 1, dtype=unsigned)
-    values = counts + unsigned.type(low % 2 ** (8 * unsigned.itemsize))
+    native, unsigned = _native_and_unsigned(dtype)
+    values = np.arange(high - low + 1, dtype=unsigned) + _as_unsigned(low, unsigned)
     return values.view(native).astype(dtype, copy=False)
 
 
@@ -353,12 +362,13 @@ _PALETTE_CACHE_SIZE = 8
 
 
 def _palette_key(ds: Dataset, dtype: np.dtype) -> bytes:
-    """Digest of everything the expanded palette depends on, for indices of `dtype`."""
+    """Return a digest of everything the expanded palette depends on, for indices of `dtype`."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{dtype.str}{ds.original_encoding}".encode())
     file_meta = getattr(ds, "file_meta", None)
     if file_meta is not None:
-        digest.update(str(getattr(file_meta, "_tsyntax_encoding", None)).encode())
+        # The transfer syntax fixes the byte order of the palette data.
+        digest.update(str(file_meta.get("TransferSyntaxUID")).encode())
     for keyword in _PALETTE_KEYWORDS:
         value = ds.get(keyword)
         if isinstance(value, pydicom.multival.MultiValue):

@@ -93,7 +93,10 @@ class ShuffledKeyBatches:
     def __init__(self, keys: np.ndarray, batch_size: int, seed: int):
         if seed < 0:
             # NumPy seeds its generators with non-negative integers only.
-            raise ValueError(f"The data order needs a seed >= 0, got {seed}; set config.seed.")
+            raise ValueError(
+                f"Invalid seed: the data order needs a seed >= 0, got {seed}. Set config.seed "
+                "to a non-negative integer."
+            )
         self.keys = np.asarray(keys, dtype=np.int64)
         self.batch_size = batch_size
         self.seed = seed

@@ -121,7 +121,7 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU, x * Phi(x), with a hand-written derivative Phi(x) + x * phi(x).
 
     Same values as `jax.nn.gelu(x, approximate=False)` to float rounding. Autodiff of that
-    function goes through erfc; on one CPU core its forward and backward pass over 4.8M float32
+    function goes through erfc. On one CPU core, its forward and backward pass over 4.8M float32
     values took 36.5 ms, against 12.4 ms for this pair. The backward pass recomputes Phi from x,
     which keeps one residual instead of two and was faster than saving Phi (17.1 ms).
     """
