@@ -315,7 +315,7 @@ def _classify_hlo_ops(hlo_text: str) -> dict[str, str]:
 
 
 def profile_jax_step(step: JaxTrainStep, steps: int, trace_dir: pathlib.Path) -> dict[str, float]:
-    """Seconds per step that XLA's CPU ops spend in matmuls, copies and other work."""
+    """Return the seconds per step that XLA's CPU ops spend in matmuls, copies and other work."""
     import jax
     from jax.profiler import ProfileData
 
@@ -333,7 +333,7 @@ def profile_jax_step(step: JaxTrainStep, steps: int, trace_dir: pathlib.Path) ->
 
 
 def profile_torch_step(step: TorchTrainStep, steps: int) -> dict[str, float]:
-    """Seconds per step that PyTorch's operators spend (self time) in matmuls, copies, other."""
+    """Return the seconds per step (self time) of PyTorch's matmul, copy and other operators."""
     from torch import profiler
 
     with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
@@ -347,7 +347,7 @@ def profile_torch_step(step: TorchTrainStep, steps: int) -> dict[str, float]:
 
 
 def bench_profile(threads: list[int], scratch: pathlib.Path) -> dict[str, Any]:
-    """Profile both train steps (batch and size as for `train`); return seconds per category."""
+    """Profile one step of each side at the batch and size of `train`, in seconds per kind."""
     import torch
 
     torch.set_num_threads(len(threads))
@@ -536,7 +536,7 @@ def bench_prepare() -> dict[str, Any]:
         def run(name: str, label: str) -> None:
             output_dir = pathlib.Path(scratch) / f"{name}-{label}"
             if name == "prepare":
-                # Expanded palettes are kept across files; each repeat starts without them.
+                # Expanded palettes stay cached across files, so each repeat starts empty.
                 dicom.clear_palette_cache()
                 slices[name] = summary_slices(run_prepare(paths, output_dir, image_size))
             else:
